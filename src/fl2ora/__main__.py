@@ -1,0 +1,5 @@
+import sys
+
+from fl2ora.cli import main
+
+sys.exit(main())

@@ -1,0 +1,385 @@
+"""Run configuration: typed dataclasses, YAML loading, ``key=value`` overrides.
+
+A configuration file is YAML with one mapping per section (``model``, ``lora``,
+``data``, ``partition``, ``federated``, ``train``, ``eval``) plus the top-level
+keys ``name``, ``seed`` and ``method``. Every field is documented once, on its
+dataclass. Unknown keys and values of the wrong type are rejected with the
+closest valid key or the expected type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "FederatedConfig",
+    "LoraConfig",
+    "ModelConfig",
+    "PartitionConfig",
+    "RunConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "config_from_dict",
+    "config_to_dict",
+    "load_config",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message says how to fix it."""
+
+
+@dataclass
+class ModelConfig:
+    """CLIP backbone and zero-shot head."""
+
+    name: str = "openai/clip-vit-base-patch16"
+    """Hugging Face hub id, local model folder, or an architecture name (``tiny``,
+    ``vit-b-32``, ``vit-b-16``) that only exists with ``random_init``."""
+    random_init: bool = False
+    """Build the architecture with random weights instead of loading weights. Every
+    output of such a run says that its numbers are a pipeline check."""
+    init_seed: int = 0
+    """Seed of the random initialisation (only with ``random_init``)."""
+    allow_download: bool = False
+    """Let ``transformers`` download hub weights. When false, only the local cache and
+    local folders are read, so a missing model fails at once."""
+    tau: float = 1.0
+    """Softmax temperature: logits = exp(logit_scale) * cos(image, text) / tau."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to run; ``auto`` picks CUDA when available."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Autocast dtype on CUDA; trainable parameters and optimizer state stay fp32.
+    Ignored on the CPU."""
+
+    def __post_init__(self) -> None:
+        if not self.tau > 0:
+            raise ConfigError(f"model.tau must be > 0, got {self.tau!r}. The study uses 1.0.")
+
+
+@dataclass
+class LoraConfig:
+    """FL²oRA: LoRA on the attention projections of CLIP's encoders."""
+
+    encoder: Literal["vision", "text", "both"] = "both"
+    """Which encoder(s) get LoRA."""
+    projections: list[str] = field(default_factory=lambda: ["q", "k", "v"])
+    """Attention projections to adapt, a subset of ``q``, ``k``, ``v``, ``out``."""
+    layers: str | list[int] = "all"
+    """``all``, a list of 0-based block indices, or a named range: ``bottom``,
+    ``mid``, ``up`` (thirds), ``half-bottom``, ``half-up``, ``top-K`` (last K)."""
+    rank: int = 2
+    """LoRA rank r."""
+    alpha: float = 1.0
+    """LoRA alpha."""
+    dropout: float = 0.25
+    """Dropout on the LoRA input during training (off in evaluation)."""
+    scaling: Literal["rslora", "standard"] = "rslora"
+    """``rslora``: scale alpha / sqrt(r), as the study; ``standard``: alpha / r."""
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ConfigError(f"lora.rank must be >= 1, got {self.rank!r}. The study uses 2.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout!r}. The study uses 0.25.")
+        unknown = [p for p in self.projections if p not in ("q", "k", "v", "out")]
+        if unknown or not self.projections:
+            raise ConfigError(
+                f"lora.projections must be a non-empty subset of ['q', 'k', 'v', 'out'], "
+                f"got {self.projections!r}."
+            )
+
+
+@dataclass
+class DataConfig:
+    """Dataset and loading."""
+
+    dataset: str = "cifar10"
+    """Dataset name (``cifar10``, ``image_folder``)."""
+    root: str = "data/cifar10"
+    """Dataset folder, or a ``.tar.gz`` archive unpacked once into the cache."""
+    download: bool = False
+    """Download the dataset through torchvision when it is missing."""
+    max_train_per_class: int | None = None
+    """Keep at most this many training images per class (seeded), for quick runs."""
+    max_test_per_class: int | None = None
+    """Keep at most this many test images per class (seeded), for quick runs."""
+    augment: bool = True
+    """Random resized crop and horizontal flip on training images."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+
+    def __post_init__(self) -> None:
+        for key in ("max_train_per_class", "max_test_per_class"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"data.{key} must be >= 1 or null, got {value!r}.")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers!r}.")
+
+
+@dataclass
+class PartitionConfig:
+    """How the training and test sets are split across clients."""
+
+    method: Literal["dirichlet", "iid"] = "dirichlet"
+    """Label-skew Dirichlet split, or a uniform random split."""
+    num_clients: int = 100
+    """Number of clients K."""
+    beta: float = 0.5
+    """Dirichlet concentration; smaller is more skewed."""
+    min_samples: int = 10
+    """Every client needs at least this many training and test samples."""
+    max_tries: int = 1000
+    """Dirichlet redraws before giving up with an error."""
+
+    def __post_init__(self) -> None:
+        if self.num_clients < 1:
+            raise ConfigError(f"partition.num_clients must be >= 1, got {self.num_clients!r}.")
+        if not self.beta > 0:
+            raise ConfigError(
+                f"partition.beta must be > 0, got {self.beta!r}. The study uses 0.5; larger is closer to IID."
+            )
+        if self.min_samples < 1:
+            raise ConfigError(f"partition.min_samples must be >= 1, got {self.min_samples!r}.")
+        if self.max_tries < 1:
+            raise ConfigError(f"partition.max_tries must be >= 1, got {self.max_tries!r}.")
+
+
+@dataclass
+class FederatedConfig:
+    """Rounds, client sampling and aggregation."""
+
+    rounds: int = 50
+    """Communication rounds."""
+    fraction: float = 0.1
+    """Fraction of clients sampled each round, in (0, 1]."""
+    all_clients_first_round: bool = False
+    """Train every client in round 1, as the study's scripts do."""
+    aggregation: Literal["fedavg"] = "fedavg"
+    """Aggregation rule."""
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ConfigError(f"federated.rounds must be >= 1, got {self.rounds!r}.")
+        if not 0.0 < self.fraction <= 1.0:
+            raise ConfigError(
+                f"federated.fraction must be in (0, 1], got {self.fraction!r}. "
+                "Use 1.0 to train every client every round."
+            )
+
+
+@dataclass
+class TrainConfig:
+    """Local training on each client: SGD with a constant learning rate."""
+
+    lr: float = 1e-3
+    """Learning rate."""
+    momentum: float = 0.9
+    """SGD momentum; the buffer starts from zero at every client update."""
+    weight_decay: float = 5e-4
+    """SGD weight decay."""
+    batch_size: int = 32
+    """Training batch size."""
+    local_epochs: int = 1
+    """Passes over the client's training split per round."""
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr!r}. The study uses 0.001.")
+        if self.batch_size < 1:
+            raise ConfigError(f"train.batch_size must be >= 1, got {self.batch_size!r}.")
+        if self.local_epochs < 1:
+            raise ConfigError(f"train.local_epochs must be >= 1, got {self.local_epochs!r}.")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"train.momentum must be in [0, 1), got {self.momentum!r}.")
+        if self.weight_decay < 0:
+            raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay!r}.")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation of the global model on every client's local test split."""
+
+    every: int = 1
+    """Evaluate every this many rounds; the last round is always evaluated."""
+    n_bins: int = 10
+    """Equal-width bins for ECE and MCE, equal-mass bins for ACE."""
+    batch_size: int = 128
+    """Evaluation batch size."""
+    last_rounds: int = 5
+    """Mean and standard deviation are reported over this many last evaluated rounds."""
+    calibration: Literal["standard", "reference"] = "standard"
+    """``standard``: ECE and MCE of Guo et al. 2017. ``reference``: the released FL²oRA
+    code's variants (confidence 1.0 left out of every bin, MCE weighted by bin share),
+    only for comparison with its published numbers; outputs are labelled."""
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise ConfigError(f"eval.every must be >= 1, got {self.every!r}.")
+        if self.n_bins < 1:
+            raise ConfigError(f"eval.n_bins must be >= 1, got {self.n_bins!r}. The study uses 10.")
+        if self.batch_size < 1:
+            raise ConfigError(f"eval.batch_size must be >= 1, got {self.batch_size!r}.")
+        if self.last_rounds < 1:
+            raise ConfigError(f"eval.last_rounds must be >= 1, got {self.last_rounds!r}.")
+
+
+@dataclass
+class RunConfig:
+    """One federated run."""
+
+    name: str = "fl2ora"
+    """Run name, used for the default output folder."""
+    seed: int = 0
+    """Seed of partitioning, client sampling, data order and dropout."""
+    method: Literal["fl2ora"] = "fl2ora"
+    """Fine-tuning method."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    federated: FederatedConfig = field(default_factory=FederatedConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check ``value`` against a field annotation, converting int to float where a float is expected."""
+    origin = typing.get_origin(annotation)
+    if annotation is Any:
+        return value
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        if value not in choices:
+            raise ConfigError(f"{key} must be one of {list(choices)}, got {value!r}.")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(annotation):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(f"{key} must be {_type_name(annotation)}, got {value!r} ({type(value).__name__}).")
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list of {_type_name(item_type)}, got {value!r}.")
+        return [_coerce(item, item_type, f"{key}[{i}]") for i, item in enumerate(value)]
+    if annotation is type(None):
+        if value is not None:
+            raise ConfigError(f"{key} must be null, got {value!r}.")
+        return None
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r} ({type(value).__name__}).")
+        return float(value)
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r} ({type(value).__name__}).")
+        return value
+    if annotation in (bool, str):
+        if not isinstance(value, annotation):
+            raise ConfigError(f"{key} must be {annotation.__name__}, got {value!r} ({type(value).__name__}).")
+        return value
+    raise TypeError(f"unsupported annotation {annotation!r} for {key}")
+
+
+def _build(cls: type, values: Any, prefix: str) -> Any:
+    if not isinstance(values, dict):
+        where = prefix.rstrip(".") or "the configuration"
+        raise ConfigError(f"{where} must be a mapping of keys to values, got {values!r}.")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
+            raise ConfigError(f"Unknown configuration key '{prefix}{key}'.{hint} Valid keys here: {names}.")
+        annotation = hints[key]
+        if dataclasses.is_dataclass(annotation):
+            kwargs[key] = _build(annotation, value, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, annotation, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def config_from_dict(values: dict[str, Any]) -> RunConfig:
+    """Build a validated :class:`RunConfig` from nested plain values.
+
+    Raises:
+        ConfigError: on an unknown key (with the closest valid one), a value of the
+            wrong type, or a value out of range.
+    """
+    return _build(RunConfig, values, "")
+
+
+def config_to_dict(config: RunConfig) -> dict[str, Any]:
+    """Return the fully resolved configuration as nested plain values."""
+    return dataclasses.asdict(config)
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides, each value parsed as YAML.
+
+    Raises:
+        ConfigError: when an override has no ``=`` or an empty key.
+    """
+    result = dict(values)
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"Override {override!r} must have the form section.key=value, e.g. lora.rank=4.")
+        parts = key.strip().split(".")
+        node = result
+        for part in parts[:-1]:
+            child = node.get(part)
+            child = dict(child) if isinstance(child, dict) else {}
+            node[part] = child
+            node = child
+        node[parts[-1]] = yaml.safe_load(raw)
+    return result
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML configuration file and apply ``key=value`` overrides.
+
+    Args:
+        path: YAML file, or None for the defaults.
+        overrides: ``section.key=value`` strings applied in order.
+
+    Raises:
+        FileNotFoundError: when ``path`` does not exist.
+        ConfigError: on invalid YAML, keys or values.
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"Configuration file {str(path)!r} not found. See configs/ for presets.")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path} is not valid YAML: {error}") from error
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must contain a YAML mapping at the top level, got {type(loaded).__name__}.")
+        values = loaded or {}
+    values = apply_overrides(values, overrides or [])
+    return config_from_dict(values)

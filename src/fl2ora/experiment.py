@@ -1,0 +1,134 @@
+"""Everything a run needs before its first round, built once from a configuration.
+
+Both runtimes share this: the dataset and its client partition, the model with its
+trainable parameters, and the evaluation set made of every client's local test split.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from fl2ora.config import ConfigError, RunConfig
+from fl2ora.data import ImageClassificationData, clip_transforms, load_dataset, partition, subsample_per_class
+from fl2ora.methods.lora import apply_lora, count_trainable
+from fl2ora.model.backbone import Backbone, load_backbone
+from fl2ora.model.zero_shot import ZeroShotClassifier
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Experiment:
+    """The built pieces of a run; ``model`` is the one backbone copy every client reuses."""
+
+    config: RunConfig
+    data: ImageClassificationData
+    backbone: Backbone
+    model: ZeroShotClassifier
+    device: torch.device
+    client_train: list[Dataset]
+    """Client k's training split, with the training transform."""
+    eval_dataset: Dataset
+    """Every client's test split, concatenated in client order, with the evaluation transform."""
+    eval_labels: np.ndarray
+    """``(N_eval,)`` labels of ``eval_dataset``."""
+    eval_indices: np.ndarray
+    """``(N_eval,)`` index of each evaluation sample in the dataset's test set."""
+    client_eval_rows: list[np.ndarray]
+    """For client k, its rows in ``eval_dataset``."""
+    class_counts: dict
+    """Per-client train and test class counts, saved with the run."""
+    trainable_parameters: int
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.client_train)
+
+
+def resolve_device(name: str) -> torch.device:
+    """Map ``auto``, ``cpu`` or ``cuda`` to a device, failing clearly when CUDA is absent."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("model.device=cuda but no CUDA device is available. Use model.device=auto or cpu.")
+    return torch.device(name)
+
+
+def _subsample(labels: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
+    if limit is None:
+        return np.arange(len(labels))
+    return np.sort(subsample_per_class(labels, limit, seed))
+
+
+def build_experiment(config: RunConfig) -> Experiment:
+    """Load data, partition it, and build the model with its trainable parameters.
+
+    Raises:
+        ConfigError: on settings the data cannot satisfy (for example more clients
+            than training samples).
+        FileNotFoundError: when the dataset root is missing.
+    """
+    data = load_dataset(config.data.dataset, config.data.root, download=config.data.download)
+    train_pool = _subsample(data.train.labels, config.data.max_train_per_class, config.seed)
+    test_pool = _subsample(data.test.labels, config.data.max_test_per_class, config.seed + 1)
+    train_labels = data.train.labels[train_pool]
+    test_labels = data.test.labels[test_pool]
+
+    clients = config.partition.num_clients
+    if clients > len(train_pool) or clients > len(test_pool):
+        raise ConfigError(
+            f"partition.num_clients={clients} exceeds the {len(train_pool)} training or {len(test_pool)} "
+            "test samples available. Lower partition.num_clients or raise data.max_*_per_class."
+        )
+    split = partition(
+        config.partition.method,
+        train_labels,
+        test_labels,
+        num_clients=clients,
+        beta=config.partition.beta,
+        min_samples=config.partition.min_samples,
+        seed=config.seed,
+        max_tries=config.partition.max_tries,
+    )
+    counts = split.class_counts(train_labels, test_labels, len(data.classnames))
+
+    backbone = load_backbone(config.model)
+    model = ZeroShotClassifier(backbone.model, backbone.tokenizer, data.classnames, data.template, tau=config.model.tau)
+    apply_lora(backbone.model, config.lora)
+    device = resolve_device(config.model.device)
+    model.to(device)
+
+    train_transform = clip_transforms(backbone.image_size, train=True, augment=config.data.augment)
+    eval_transform = clip_transforms(backbone.image_size, train=False)
+    train_set = data.train.with_transform(train_transform)
+    client_train = [train_set.subset(train_pool[rows]) for rows in split.train_indices]
+
+    eval_indices = np.concatenate([test_pool[rows] for rows in split.test_indices])
+    offsets = np.cumsum([0] + [len(rows) for rows in split.test_indices])
+    client_eval_rows = [np.arange(offsets[k], offsets[k + 1]) for k in range(clients)]
+    eval_dataset = data.test.with_transform(eval_transform).subset(eval_indices)
+
+    trainable = count_trainable(model)
+    logger.info(
+        "Built %s: %d classes, %d clients, %d training and %d test samples, %d trainable parameters on %s",
+        data.name, len(data.classnames), clients, len(train_pool), len(eval_indices), trainable, device,
+    )
+    return Experiment(
+        config=config,
+        data=data,
+        backbone=backbone,
+        model=model,
+        device=device,
+        client_train=client_train,
+        eval_dataset=eval_dataset,
+        eval_labels=data.test.labels[eval_indices],
+        eval_indices=eval_indices,
+        client_eval_rows=client_eval_rows,
+        class_counts=counts,
+        trainable_parameters=trainable,
+    )

@@ -1,0 +1,1 @@
+"""The federated core: client sampling, local updates and aggregation, free of any runtime."""

@@ -1,0 +1,1 @@
+"""Fine-tuning methods: which parameters of CLIP train and travel."""

@@ -1,0 +1,1 @@
+"""CLIP backbone, tokenizer, zero-shot head and the trainable state."""

@@ -1,0 +1,180 @@
+"""CLIP backbones: Hugging Face ``CLIPModel`` from the hub cache, a local folder, or random weights."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+from fl2ora.config import ConfigError, ModelConfig
+from fl2ora.model.tokenizer import VOCAB_SIZE, bundled_clip_tokenizer
+
+logger = logging.getLogger(__name__)
+
+_TEXT_BASE = {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 8}
+_VISION_BASE = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12}
+
+ARCHITECTURES: dict[str, dict[str, Any]] = {
+    # Small enough for tests and CPU pipeline checks: 32 px images, 4 blocks per encoder.
+    "tiny": {
+        "text_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 2},
+        "vision_config": {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        "projection_dim": 64,
+    },
+    "vit-b-32": {
+        "text_config": _TEXT_BASE,
+        "vision_config": {**_VISION_BASE, "image_size": 224, "patch_size": 32},
+        "projection_dim": 512,
+    },
+    "vit-b-16": {
+        "text_config": _TEXT_BASE,
+        "vision_config": {**_VISION_BASE, "image_size": 224, "patch_size": 16},
+        "projection_dim": 512,
+    },
+}
+"""Architectures that can be built with random weights, without any file."""
+
+HUB_ARCHITECTURES = {
+    "openai/clip-vit-base-patch32": "vit-b-32",
+    "openai/clip-vit-base-patch16": "vit-b-16",
+}
+"""Hub ids whose architecture is known without reading their config."""
+
+RANDOM_INIT_WARNING = (
+    "The backbone is random-initialised: these numbers are a pipeline check, not evidence about CLIP."
+)
+
+
+@dataclass
+class Backbone:
+    """A loaded CLIP model with its tokenizer and a description for run outputs."""
+
+    model: CLIPModel
+    tokenizer: CLIPTokenizer
+    image_size: int
+    description: dict[str, Any]
+
+    @property
+    def random_init(self) -> bool:
+        return bool(self.description["random_init"])
+
+
+def build_architecture(name: str) -> CLIPConfig:
+    """Return the ``CLIPConfig`` of a named architecture.
+
+    Raises:
+        ConfigError: when ``name`` is not in :data:`ARCHITECTURES`.
+    """
+    if name not in ARCHITECTURES:
+        raise ConfigError(f"Unknown CLIP architecture {name!r}. Available: {sorted(ARCHITECTURES)}.")
+    spec = ARCHITECTURES[name]
+    text = {"vocab_size": VOCAB_SIZE, "max_position_embeddings": 77, **spec["text_config"]}
+    vision = dict(spec["vision_config"])
+    return CLIPConfig(
+        text_config={**text, "projection_dim": spec["projection_dim"]},
+        vision_config={**vision, "projection_dim": spec["projection_dim"]},
+        projection_dim=spec["projection_dim"],
+    )
+
+
+def _is_local_folder(name: str) -> bool:
+    return Path(name).expanduser().is_dir()
+
+
+def _load_tokenizer(source: str | None, local_only: bool) -> CLIPTokenizer:
+    """Read the tokenizer stored with the model, or build the bundled one when there is none."""
+    if source is not None:
+        try:
+            return CLIPTokenizer.from_pretrained(source, local_files_only=local_only)
+        except (OSError, ValueError, TypeError) as error:
+            logger.info("No tokenizer files with %s (%s); using the bundled CLIP tokenizer", source, error)
+    return bundled_clip_tokenizer()
+
+
+def _missing_weights_error(name: str, cause: Exception | None) -> ConfigError:
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    how = (
+        f"CLIP weights {name!r} are not in the local Hugging Face cache"
+        + (" and HF_HUB_OFFLINE is set" if offline else "")
+        + ". Fixes: give a local folder written by CLIPModel.save_pretrained (model.name=/path/to/folder); "
+        "or set model.allow_download=true on a machine that can reach the Hugging Face hub; "
+        "or, for a pipeline check only, model.name=tiny with model.random_init=true."
+    )
+    if cause is not None:
+        how += f" Loader error: {cause}"
+    return ConfigError(how)
+
+
+def load_backbone(config: ModelConfig) -> Backbone:
+    """Load or build the CLIP backbone described by ``config``.
+
+    Architecture names (``tiny``, ``vit-b-32``, ``vit-b-16``) exist only with random
+    weights. A hub id is read from the local cache unless ``allow_download`` is set,
+    so a missing model fails at once instead of after network retries.
+
+    Raises:
+        ConfigError: when the weights cannot be found, with the ways to provide them.
+    """
+    name = config.name
+    local = _is_local_folder(name)
+
+    if config.random_init:
+        if name in ARCHITECTURES:
+            clip_config, source = build_architecture(name), None
+        elif name in HUB_ARCHITECTURES:
+            clip_config, source = build_architecture(HUB_ARCHITECTURES[name]), None
+        elif local:
+            clip_config, source = CLIPConfig.from_pretrained(name), name
+        else:
+            raise ConfigError(
+                f"Cannot build {name!r} with random weights: its architecture is unknown offline. "
+                f"Use one of {sorted(ARCHITECTURES)} or a local model folder."
+            )
+        # Seed only the initialisation, leaving the caller's random state untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.init_seed)
+            model = CLIPModel(clip_config)
+        tokenizer = _load_tokenizer(source, local_only=True) if source else bundled_clip_tokenizer()
+        logger.warning("%s (model %s, init seed %d)", RANDOM_INIT_WARNING, name, config.init_seed)
+    else:
+        if name in ARCHITECTURES:
+            raise ConfigError(
+                f"model.name={name!r} is an architecture without pretrained weights. "
+                "Set model.random_init=true for a pipeline check, or give a hub id or a local model folder."
+            )
+        local_only = local or not config.allow_download
+        try:
+            model = CLIPModel.from_pretrained(name, local_files_only=local_only)
+        except OSError as error:
+            raise _missing_weights_error(name, error) from error
+        tokenizer = _load_tokenizer(name, local_only=local_only)
+
+    model.eval()
+    vision = model.config.vision_config
+    text = model.config.text_config
+    description = {
+        "name": name,
+        "random_init": config.random_init,
+        "init_seed": config.init_seed if config.random_init else None,
+        "image_size": vision.image_size,
+        "patch_size": vision.patch_size,
+        "vision_layers": vision.num_hidden_layers,
+        "text_layers": text.num_hidden_layers,
+        "embedding_dim": model.config.projection_dim,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    if config.random_init:
+        description["warning"] = RANDOM_INIT_WARNING
+    return Backbone(model=model, tokenizer=tokenizer, image_size=vision.image_size, description=description)

@@ -1,0 +1,70 @@
+"""The trainable state: the only tensors that travel between server and clients."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+StateDict = dict[str, torch.Tensor]
+
+
+def trainable_state_dict(model: nn.Module) -> StateDict:
+    """Return detached fp32 CPU copies of every parameter with ``requires_grad``, by name."""
+    return {
+        name: parameter.detach().to("cpu", torch.float32).clone()
+        for name, parameter in model.named_parameters()
+        if parameter.requires_grad
+    }
+
+
+def load_trainable_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Copy ``state`` into the trainable parameters of ``model``.
+
+    Raises:
+        ValueError: when names are missing or unexpected, or a shape differs; the
+            message lists them. Nothing is copied in that case.
+    """
+    parameters = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(set(parameters) - set(state))
+    unexpected = sorted(set(state) - set(parameters))
+    mismatched = [
+        f"{name}: expected {tuple(parameters[name].shape)}, got {tuple(state[name].shape)}"
+        for name in sorted(set(parameters) & set(state))
+        if parameters[name].shape != state[name].shape
+    ]
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            "Trainable state does not match the model. "
+            f"Missing: {missing[:5]}{' ...' if len(missing) > 5 else ''}; "
+            f"unexpected: {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}; "
+            f"shape mismatches: {mismatched[:5]}. Was it saved with the same method and configuration?"
+        )
+    with torch.no_grad():
+        for name, parameter in parameters.items():
+            parameter.copy_(state[name])
+    clear_cache = getattr(model, "clear_cache", None)
+    if callable(clear_cache):
+        clear_cache()
+
+
+def state_nbytes(state: Mapping[str, torch.Tensor]) -> int:
+    """Return the payload size of ``state`` in bytes."""
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def save_adapter(state: Mapping[str, torch.Tensor], path: str | Path, metadata: Mapping[str, Any]) -> None:
+    """Write ``state`` as safetensors with JSON-encoded ``metadata`` in the header."""
+    tensors = {name: t.detach().contiguous().cpu() for name, t in state.items()}
+    header = {key: json.dumps(value) for key, value in metadata.items()}
+    save_file(tensors, str(path), metadata=header)
+
+
+def load_adapter(path: str | Path) -> StateDict:
+    """Read a state written by :func:`save_adapter` (safetensors, no pickle)."""
+    return load_file(str(path))

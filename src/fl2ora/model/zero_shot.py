@@ -1,0 +1,106 @@
+"""CLIP zero-shot classification head: class text features from prompts, cosine logits."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import CLIPModel, CLIPTokenizer
+
+logger = logging.getLogger(__name__)
+
+
+def format_prompts(template: str, classnames: list[str]) -> list[str]:
+    """Fill the prompt template with each class name.
+
+    >>> format_prompts("a photo of a {}.", ["airplane", "sea turtle"])
+    ['a photo of a airplane.', 'a photo of a sea turtle.']
+
+    Raises:
+        ValueError: when the template has no ``{}`` placeholder.
+    """
+    if "{}" not in template:
+        raise ValueError(f"Prompt template {template!r} has no '{{}}' placeholder for the class name, e.g. 'a photo of a {{}}.'")
+    return [template.format(name.replace("_", " ")) for name in classnames]
+
+
+class ZeroShotClassifier(nn.Module):
+    """CLIP with a frozen hand-written prompt per class.
+
+    ``logits = exp(logit_scale) * cos(image, text) / tau``. When no text-encoder
+    parameter is trainable, the class text features are computed once and reused
+    until :meth:`clear_cache` is called (the federated core calls it whenever it
+    loads new trainable weights).
+
+    Args:
+        clip: the CLIP model (possibly with adapters injected).
+        tokenizer: CLIP tokenizer.
+        classnames: readable class names, C of them.
+        template: prompt with one ``{}``, such as ``"a photo of a {}."``.
+        tau: softmax temperature, > 0.
+    """
+
+    def __init__(
+        self,
+        clip: CLIPModel,
+        tokenizer: CLIPTokenizer,
+        classnames: list[str],
+        template: str,
+        tau: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if not tau > 0:
+            raise ValueError(f"tau must be > 0, got {tau!r}. The study uses 1.0.")
+        self.clip = clip
+        self.tau = tau
+        self.classnames = list(classnames)
+        self.prompts = format_prompts(template, self.classnames)
+        context_length = clip.config.text_config.max_position_embeddings
+        tokens = tokenizer(
+            self.prompts, padding="max_length", max_length=context_length, truncation=True, return_tensors="pt"
+        )
+        self.register_buffer("input_ids", tokens["input_ids"], persistent=False)  # (C, L)
+        self.register_buffer("attention_mask", tokens["attention_mask"], persistent=False)  # (C, L)
+        self._text_cache: torch.Tensor | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classnames)
+
+    def text_is_trainable(self) -> bool:
+        return any(p.requires_grad for p in self.clip.text_model.parameters()) or any(
+            p.requires_grad for p in self.clip.text_projection.parameters()
+        )
+
+    def clear_cache(self) -> None:
+        """Forget cached text features, so the next forward recomputes them."""
+        self._text_cache = None
+
+    def encode_text(self) -> torch.Tensor:
+        """Return the L2-normalised class text features, ``(C, D)``."""
+        output = self.clip.text_model(input_ids=self.input_ids, attention_mask=self.attention_mask)
+        features = self.clip.text_projection(output.pooler_output)  # (C, D)
+        return F.normalize(features, dim=-1)
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Return L2-normalised image features ``(N, D)`` for ``pixel_values: (N, 3, H, W)``."""
+        output = self.clip.vision_model(pixel_values=pixel_values)
+        features = self.clip.visual_projection(output.pooler_output)  # (N, D)
+        return F.normalize(features, dim=-1)
+
+    def class_text_features(self) -> torch.Tensor:
+        if self.text_is_trainable():
+            return self.encode_text()
+        if self._text_cache is None:
+            with torch.no_grad():
+                self._text_cache = self.encode_text()
+        return self._text_cache
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Return class logits ``(N, C)`` for images ``(N, 3, H, W)``."""
+        image = self.encode_image(pixel_values)  # (N, D)
+        text = self.class_text_features().to(image.dtype)  # (C, D)
+        scale = self.clip.logit_scale.exp() / self.tau
+        return scale * image @ text.t()

@@ -1,0 +1,114 @@
+"""The run directory: one folder holding everything a run produces."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+PREDICTIONS_FILE = "predictions.npz"
+RELIABILITY_FILE = "reliability.png"
+ADAPTER_FILE = "adapter.safetensors"
+PARTITION_FILE = "partition.json"
+LOG_FILE = "run.log"
+
+
+def _jsonable(value: Any) -> Any:
+    """Convert numpy scalars and non-finite floats (as null) for strict JSON."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write JSON to a temporary file and rename it over ``path``."""
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    temporary.write_text(json.dumps(_jsonable(payload), indent=2, allow_nan=False) + "\n")
+    os.replace(temporary, path)
+
+
+class RunDirectory:
+    """Create and fill a run directory.
+
+    Args:
+        path: the folder; created when missing.
+        overwrite: allow a folder that already holds a finished run (its files are
+            removed first). Without it such a folder is rejected.
+
+    Raises:
+        FileExistsError: when ``path`` holds a finished run and ``overwrite`` is false,
+            or is a non-empty folder that is not a run directory.
+    """
+
+    def __init__(self, path: str | Path, overwrite: bool = False) -> None:
+        self.path = Path(path)
+        if self.path.exists() and any(self.path.iterdir()):
+            finished = (self.path / SUMMARY_FILE).exists()
+            is_run = (self.path / CONFIG_FILE).exists()
+            if not overwrite:
+                what = "a finished run" if finished else ("an unfinished run" if is_run else "other files")
+                raise FileExistsError(
+                    f"Output folder {str(self.path)!r} already holds {what}. "
+                    "Choose another --output, or pass --overwrite to replace it."
+                )
+            if not is_run:
+                raise FileExistsError(
+                    f"Refusing to overwrite {str(self.path)!r}: it is not an fl2ora run directory."
+                )
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def write_config(self, config: Mapping[str, Any]) -> None:
+        self.file(CONFIG_FILE).write_text(yaml.safe_dump(dict(config), sort_keys=False))
+
+    def write_partition(self, counts: Mapping[str, Any]) -> None:
+        write_json_atomic(self.file(PARTITION_FILE), counts)
+
+    def append_metrics(self, record: Mapping[str, Any]) -> None:
+        with self.file(METRICS_FILE).open("a") as stream:
+            stream.write(json.dumps(_jsonable(record), allow_nan=False) + "\n")
+            stream.flush()
+            os.fsync(stream.fileno())
+
+    def write_summary(self, summary: Mapping[str, Any]) -> None:
+        write_json_atomic(self.file(SUMMARY_FILE), summary)
+
+    def write_predictions(
+        self, client_id: np.ndarray, sample_index: np.ndarray, labels: np.ndarray, probs: np.ndarray
+    ) -> None:
+        """Save the final predictions: per test sample its client, dataset index, label and probabilities."""
+        np.savez_compressed(
+            self.file(PREDICTIONS_FILE),
+            client_id=client_id.astype(np.int64),
+            sample_index=sample_index.astype(np.int64),
+            label=labels.astype(np.int64),
+            probs=probs.astype(np.float32),
+        )
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """Read every record of a run's ``metrics.jsonl``."""
+    lines = Path(path, METRICS_FILE).read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]

@@ -1,0 +1,1 @@
+"""Runtimes that drive the federated core."""
