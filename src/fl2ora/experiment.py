@@ -99,7 +99,7 @@ def build_experiment(config: RunConfig) -> Experiment:
 
     backbone = load_backbone(config.model)
     model = ZeroShotClassifier(backbone.model, backbone.tokenizer, data.classnames, data.template, tau=config.model.tau)
-    apply_lora(backbone.model, config.lora)
+    apply_lora(backbone.model, config.lora, seed=config.seed)
     device = resolve_device(config.model.device)
     model.to(device)
 

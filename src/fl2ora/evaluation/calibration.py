@@ -162,7 +162,7 @@ class BinStatistics(NamedTuple):
     """Per-bin statistics of equal-width bins on ``[0, 1]``.
 
     For top-label binning ``accuracy`` is the fraction of correct predictions. For classwise binning
-    it is the observed frequency of the class. Empty bins have ``count == 0`` and NaN averages.
+    it is the observed frequency of the class. Empty bins have a count of 0 and NaN averages.
 
     Attributes:
         counts: ``(n_bins,) int64`` number of samples in each bin.
@@ -190,7 +190,7 @@ def _equal_width_bin_indices(values: Tensor, n_bins: int) -> Tensor:
 
     # bucketize(right=False) returns i with edges[i-1] < v <= edges[i]: the right-closed bin index.
     # Values above the last inner edge, 1.0 included, get index M - 1.
-    return torch.bucketize(values.to(torch.float64), edges, right=False)
+    return torch.bucketize(values.to(torch.float64).contiguous(), edges, right=False)
 
 
 def equal_width_bin_statistics(values: Tensor, outcomes: Tensor, n_bins: int) -> BinStatistics:
@@ -307,8 +307,8 @@ def expected_calibration_error(
 
     Example:
         Confidences 0.9 (correct), 0.8 (wrong), 0.6 (correct) and 0.7 (correct) with 5 bins:
-        bin (0.8, 1] holds 0.9 (gap 0.1), bin (0.6, 0.8] holds 0.8 and 0.7 (accuracy 0.5,
-        confidence 0.75, gap 0.25) and bin (0.4, 0.6] holds 0.6 (gap 0.4).
+        bin (0.8, 1] contains 0.9 (gap 0.1), bin (0.6, 0.8] contains 0.8 and 0.7 (accuracy 0.5,
+        confidence 0.75, gap 0.25) and bin (0.4, 0.6] contains 0.6 (gap 0.4).
         ECE = 0.1/4 + 2*0.25/4 + 0.4/4 = 0.25.
 
         >>> probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.4, 0.6], [0.3, 0.7]])
@@ -467,19 +467,20 @@ def reference_calibration_errors(
     NOTE: both values are non-standard and exist only to reproduce the published FL²oRA tables.
     Use :func:`expected_calibration_error` and :func:`maximum_calibration_error` for anything else.
     The behaviour below was read from ``Dassl/dassl_bton/evaluation/metrics.py`` (functions ``ECE``
-    and ``MCE``) in the GitHub repository ``mainaksingha01/FL2oRA``. Its ECE also matches
-    ``reliability_diagram`` in ``Dassl/dassl/evaluation/plot.py`` there.
+    and ``MCE``) in the GitHub repository ``mainaksingha01/FL2oRA``. The ``Dassl/dassl`` evaluator
+    that ``federated_main.py`` imports was not available to compare, but its ``plot.py`` computes
+    the same ECE.
 
     Both use the float64 edges of ``numpy.linspace(0, 1, M + 1)`` and left-closed bins
     ``[lo, hi)`` (``numpy.digitize``), unlike the right-closed bins of the standard functions.
 
     - ECE: the accuracy and confidence averages of each bin leave out every confidence of exactly
       1.0, but the bin weights (``numpy.histogram``, whose last bin is closed) count them in the
-      last bin. Over-confident predictions at 1.0, which a float16 softmax produces often, therefore
-      never show up as a gap. A last bin holding only 1.0s contributes 0.
+      last bin. So the accuracy of predictions at 1.0, which a float16 softmax produces often,
+      never enters a gap. A last bin that contains only 1.0s contributes 0.
     - MCE: the last bin is ``[lo, inf)`` and counts 1.0s fully, but each bin's gap is multiplied by
       its share of samples, ``max_b (n_b / N) |acc_b - conf_b|``, which hides a badly calibrated
-      bin that holds few samples.
+      bin that contains few samples.
 
     Args:
         probs: ``(N, C) float`` predicted probabilities, rows summing to 1.
@@ -496,8 +497,8 @@ def reference_calibration_errors(
     Example:
         Confidences 1.0 (wrong), 0.875 (correct), 0.625 (wrong) and 0.75 (correct) with 4 bins.
         ECE: bin [0.75, 1) averages 0.875 and 0.75 (gap 1 - 0.8125 = 0.1875) but weighs 3/4
-        because of the 1.0, and bin [0.5, 0.75) holds 0.625 (gap 0.625, weight 1/4):
-        0.75*0.1875 + 0.25*0.625 = 0.296875. MCE: the last bin holds 1.0, 0.875 and 0.75
+        because of the 1.0, and bin [0.5, 0.75) contains 0.625 (gap 0.625, weight 1/4):
+        0.75*0.1875 + 0.25*0.625 = 0.296875. MCE: the last bin contains 1.0, 0.875 and 0.75
         (accuracy 2/3, confidence 0.875, weighted gap 0.75*0.208333 = 0.15625) and the other bin
         0.25*0.625 = 0.15625. The standard values are ECE 0.3125 and MCE 0.4375.
 
@@ -514,7 +515,7 @@ def reference_calibration_errors(
         _check_inputs(probs, labels, n_bins)
     confidences, correct = _top_label(probs, labels)
     conf = confidences.detach().to(torch.float64).cpu().numpy()  # (N,)
-    hit = correct.detach().cpu().numpy().astype(np.float64)  # (N,)
+    correct_np = correct.detach().cpu().numpy().astype(np.float64)  # (N,)
     n_samples = conf.shape[0]
     edges = np.linspace(0.0, 1.0, n_bins + 1)  # (M+1,) e.g. edge 3 of 10 is 0.30000000000000004
 
@@ -526,15 +527,15 @@ def reference_calibration_errors(
     for b in range(n_bins):
         in_bin = ece_index == b
         if in_bin.any():
-            ece += weights[b] * abs(conf[in_bin].mean() - hit[in_bin].mean())
+            ece += weights[b] * abs(conf[in_bin].mean() - correct_np[in_bin].mean())
 
-    # MCE: digitize on the inner edges only, so the last bin is [edges[M-1], inf) and holds 1.0.
+    # MCE: digitize on the inner edges only, so the last bin is [edges[M-1], inf) and contains 1.0.
     mce_index = np.digitize(conf, edges[1:-1])
     mce = 0.0
     for b in np.unique(mce_index):
         in_bin = mce_index == b
         share = in_bin.sum() / n_samples
-        mce = max(mce, share * abs(hit[in_bin].mean() - conf[in_bin].mean()))
+        mce = max(mce, share * abs(correct_np[in_bin].mean() - conf[in_bin].mean()))
 
     return float(ece), float(mce)
 
@@ -675,7 +676,7 @@ def macro_f1(predictions: Tensor, labels: Tensor, validate_args: bool = True) ->
 
     Args:
         predictions: ``(N, C) float`` probabilities, reduced with ``argmax``, or ``(N,) int64``
-            predicted classes.
+            predicted classes. A floating dtype selects the first reading.
         labels: ``(N,) int64`` true classes. With probabilities they must lie in ``[0, C)``,
             with class indices they must be non-negative.
         validate_args: check the inputs first. Pass False only for inputs already checked.
@@ -684,6 +685,7 @@ def macro_f1(predictions: Tensor, labels: Tensor, validate_args: bool = True) ->
         Macro F1 as a fraction in ``[0, 1]``.
 
     Raises:
+        TypeError: if ``predictions`` is not a tensor.
         ValueError: if ``predictions`` or ``labels`` is invalid.
 
     Example:
@@ -693,7 +695,12 @@ def macro_f1(predictions: Tensor, labels: Tensor, validate_args: bool = True) ->
         >>> round(macro_f1(torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 1, 1])), 4)
         0.7333
     """
-    if predictions.ndim == 2:
+    if not isinstance(predictions, Tensor):
+        raise TypeError(
+            "predictions must be a torch.Tensor of probabilities (N, C) or classes (N,), "
+            f"got {type(predictions).__name__}."
+        )
+    if predictions.is_floating_point():
         if validate_args:
             _check_inputs(predictions, labels)
         predicted = predictions.argmax(dim=1)

@@ -60,7 +60,7 @@ def evaluate_clients(
         ``{"clients": {k: metrics}, "mean": metrics, "pooled": metrics}``, every
         metric a float (fractions for accuracy and calibration errors).
     """
-    probs_t = torch.as_tensor(probs, dtype=torch.float64)
+    probs_t = torch.as_tensor(probs)  # binning compares against edges rounded to this dtype
     labels_t = torch.as_tensor(labels, dtype=torch.int64)
     clients = {}
     for client_id, rows in enumerate(client_slices):

@@ -12,6 +12,7 @@ import logging
 import re
 
 import peft
+import torch
 from torch import nn
 from transformers import CLIPModel
 
@@ -84,8 +85,11 @@ def lora_target_modules(clip: CLIPModel, config: LoraConfig) -> list[str]:
     return targets
 
 
-def apply_lora(clip: CLIPModel, config: LoraConfig) -> list[str]:
+def apply_lora(clip: CLIPModel, config: LoraConfig, seed: int = 0) -> list[str]:
     """Freeze ``clip`` and inject LoRA adapters in place; only they stay trainable.
+
+    The random initialisation of the A matrices depends only on ``seed``; the
+    caller's random state is left untouched.
 
     Returns:
         The names of the adapted modules.
@@ -102,7 +106,9 @@ def apply_lora(clip: CLIPModel, config: LoraConfig) -> list[str]:
     )
     for parameter in clip.parameters():
         parameter.requires_grad_(False)
-    peft.inject_adapter_in_model(peft_config, clip)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        peft.inject_adapter_in_model(peft_config, clip)
     for name, parameter in clip.named_parameters():
         parameter.requires_grad_("lora_" in name)
     logger.info(

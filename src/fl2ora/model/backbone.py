@@ -97,9 +97,15 @@ def _load_tokenizer(source: str | None, local_only: bool) -> CLIPTokenizer:
     """Read the tokenizer stored with the model, or build the bundled one when there is none."""
     if source is not None:
         try:
-            return CLIPTokenizer.from_pretrained(source, local_files_only=local_only)
+            tokenizer = CLIPTokenizer.from_pretrained(source, local_files_only=local_only)
         except (OSError, ValueError, TypeError) as error:
             logger.info("No tokenizer files with %s (%s); using the bundled CLIP tokenizer", source, error)
+        else:
+            # transformers 5.25 does not raise when the vocabulary files are missing: it returns a
+            # placeholder that holds only the special tokens and maps every word to <|endoftext|>.
+            if len(tokenizer) > len(tokenizer.all_special_tokens):
+                return tokenizer
+            logger.info("No tokenizer vocabulary with %s; using the bundled CLIP tokenizer", source)
     return bundled_clip_tokenizer()
 
 

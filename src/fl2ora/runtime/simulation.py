@@ -130,7 +130,7 @@ def run_simulation(experiment: Experiment, run_dir: RunDirectory) -> dict[str, A
         client_of_row[rows] = client_id
     run_dir.write_predictions(client_of_row, experiment.eval_indices, experiment.eval_labels, probs)
     plot_reliability_diagram(
-        torch.as_tensor(probs, dtype=torch.float64),
+        torch.as_tensor(probs),
         torch.as_tensor(experiment.eval_labels),
         run_dir.file(RELIABILITY_FILE),
         n_bins=config.eval.n_bins,

@@ -1,0 +1,685 @@
+"""Local-training throughput of FL²oRA on this machine: images/s, FLOPs per step and MFU.
+
+Builds CLIP with FL²oRA the way ``fl2ora.experiment`` does (random-initialised backbone,
+zero-shot head over 10 dummy class names with the prompt "a photo of a {}.", LoRA from
+the default ``LoraConfig``) and times the steps of ``client_update`` on random images.
+Data loading and the host-to-device copy are excluded because batches are generated on
+the device. In the same run it measures the machine's matrix-multiply throughput, which
+is the reference for the model FLOPs utilisation (MFU).
+
+Usage, from the repository root::
+
+    python benchmarks/throughput.py                       # tiny and vit-b-32, 1 warm-up + 3 steps
+    python benchmarks/throughput.py --models vit-b-16 --steps 2 --profile
+    python benchmarks/throughput.py --json results.json --markdown results.md
+    python benchmarks/throughput.py --device cuda         # bf16 matmul and bf16 autocast
+
+The model FLOPs of a step are counted by ``torch.utils.flop_counter.FlopCounterMode`` on
+one forward and backward pass. That counter counts matrix multiplies, convolutions and
+attention, but not element-wise ops such as softmax, LayerNorm, GELU or the SGD update.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+# Only random-initialised architectures are built, so the hub is never needed.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from fl2ora.config import LoraConfig, ModelConfig, TrainConfig  # noqa: E402
+from fl2ora.federated.client import autocast_context  # noqa: E402
+from fl2ora.methods.lora import apply_lora, count_trainable  # noqa: E402
+from fl2ora.model.backbone import ARCHITECTURES, RANDOM_INIT_WARNING, load_backbone  # noqa: E402
+from fl2ora.model.zero_shot import ZeroShotClassifier  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODELS = ("tiny", "vit-b-32")
+NUM_CLASSES = 10
+TEMPLATE = "a photo of a {}."
+CPU_MATMUL_SIZES = (1024, 2048, 3072)
+CUDA_MATMUL_SIZES = (4096, 8192)
+PROFILE_TOP_OPS = 12
+# Operators whose FLOPs the profiler estimates; their time is the "matmul time" of a step.
+MATMUL_OPERATORS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::conv2d", "aten::convolution")
+
+
+def _cpu_flash_attention_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_flash_attention_backward_flop(
+    grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs
+) -> int:
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+# NOTE: torch 2.14.1's FlopCounterMode has formulas for the CUDA attention kernels only, so on the
+# CPU the two attention matmuls of every block would count as zero. These use the same formulas.
+_EXTRA_FLOP_FORMULAS: dict[Any, Callable[..., int]] = {}
+if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
+    _EXTRA_FLOP_FORMULAS[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_flash_attention_flop
+    _EXTRA_FLOP_FORMULAS[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward] = (
+        _cpu_flash_attention_backward_flop
+    )
+
+
+@dataclass
+class FlopCount:
+    """FLOPs counted by ``FlopCounterMode`` (one multiply-add counts as 2 FLOPs)."""
+
+    total: int
+    by_operator: dict[str, int]
+    """Total per ATen operator, such as ``aten.mm``."""
+    by_module: dict[str, int]
+    """Total per module path, such as ``ZeroShotClassifier.clip.text_model``, nested paths included."""
+
+
+def count_flops(fn: Callable[[], object]) -> FlopCount:
+    """Run ``fn`` once and count the FLOPs of the matrix multiplies, convolutions and attention it runs.
+
+    Backward passes run inside ``fn`` are counted too. Element-wise ops are not counted.
+
+    >>> layer = torch.nn.Linear(3, 4)
+    >>> count_flops(lambda: layer(torch.ones(2, 3))).total  # 2 * batch * in * out
+    48
+    """
+    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS)
+    with counter:
+        fn()
+    counts = counter.get_flop_counts()
+    return FlopCount(
+        total=counter.get_total_flops(),
+        by_operator={str(op): flops for op, flops in counts.get("Global", {}).items()},
+        by_module={name: sum(ops.values()) for name, ops in counts.items() if name != "Global"},
+    )
+
+
+def achieved_flops_per_second(flops_per_step: int, step_seconds: float) -> float:
+    """Return the FLOP rate of a step: ``flops_per_step / step_seconds``.
+
+    Raises:
+        ValueError: when ``flops_per_step`` is negative or ``step_seconds`` is not positive.
+    """
+    if flops_per_step < 0:
+        raise ValueError(f"flops_per_step must be >= 0, got {flops_per_step!r}.")
+    if not (math.isfinite(step_seconds) and step_seconds > 0):
+        raise ValueError(f"step_seconds must be a positive finite time in seconds, got {step_seconds!r}.")
+    return flops_per_step / step_seconds
+
+
+def model_flops_utilisation(achieved: float, peak: float) -> float:
+    """Return the model FLOPs utilisation ``achieved / peak`` as a fraction (0.25 is 25 %).
+
+    Args:
+        achieved: model FLOP/s of the workload.
+        peak: reference FLOP/s, here the measured matrix-multiply throughput.
+
+    >>> model_flops_utilisation(30e9, 120e9)
+    0.25
+
+    Raises:
+        ValueError: when ``peak`` is not positive or ``achieved`` is negative.
+    """
+    if not (math.isfinite(peak) and peak > 0):
+        raise ValueError(f"peak must be a positive finite FLOP/s, got {peak!r}. Measure it with measure_matmul.")
+    if not (math.isfinite(achieved) and achieved >= 0):
+        raise ValueError(f"achieved must be a finite FLOP/s >= 0, got {achieved!r}.")
+    return achieved / peak
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class MatmulResult:
+    """Sustained ``torch.mm`` throughput of square matrices."""
+
+    device: str
+    dtype: str
+    flops_per_second: float
+    """Best rate over the sizes tried."""
+    best_size: int
+    by_size: dict[int, dict[str, float]]
+    """Per size n: ``reps`` products of 2 * n**3 FLOPs in ``seconds``, and ``flops_per_second``."""
+
+
+def measure_matmul(
+    sizes: Sequence[int],
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    min_seconds: float = 1.0,
+) -> MatmulResult:
+    """Measure the sustained throughput of ``torch.mm`` on n x n matrices, for each n in ``sizes``.
+
+    Each size gets one untimed product, then repeats products for at least
+    ``min_seconds``. Its rate is ``2 * n**3 * reps / seconds``, and the best size wins.
+
+    Raises:
+        ValueError: when ``sizes`` is empty or has a size < 1, or ``min_seconds`` is negative.
+    """
+    if not sizes or any(n < 1 for n in sizes):
+        raise ValueError(f"sizes must be a non-empty list of positive matrix sizes, got {list(sizes)!r}. Try [2048].")
+    if min_seconds < 0:
+        raise ValueError(f"min_seconds must be >= 0, got {min_seconds!r}.")
+    # CUDA launches are asynchronous: synchronise after a chunk of products, not after each one.
+    chunk = 8 if device.type == "cuda" else 1
+
+    by_size: dict[int, dict[str, float]] = {}
+    for n in sizes:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        out = torch.empty(n, n, device=device, dtype=dtype)
+        torch.mm(a, b, out=out)
+        _synchronize(device)
+
+        reps = 0
+        start = time.perf_counter()
+        while True:
+            for _ in range(chunk):
+                torch.mm(a, b, out=out)
+            _synchronize(device)
+            reps += chunk
+            seconds = time.perf_counter() - start
+            if seconds >= min_seconds:
+                break
+        rate = 2 * n**3 * reps / seconds
+        by_size[n] = {"reps": reps, "seconds": seconds, "flops_per_second": rate}
+        logger.info("matmul %d x %d %s: %d products in %.2f s, %.1f GFLOP/s", n, n, dtype, reps, seconds, rate / 1e9)
+        del a, b, out
+
+    best_size = max(by_size, key=lambda n: by_size[n]["flops_per_second"])
+    return MatmulResult(
+        device=str(device),
+        dtype=str(dtype).removeprefix("torch."),
+        flops_per_second=by_size[best_size]["flops_per_second"],
+        best_size=best_size,
+        by_size=by_size,
+    )
+
+
+def build_fl2ora_model(name: str, device: torch.device) -> ZeroShotClassifier:
+    """Build random-initialised CLIP ``name`` with the zero-shot head and FL²oRA's LoRA, on ``device``.
+
+    The head scores 10 dummy class names with the prompt ``"a photo of a {}."``.
+    LoRA follows the default ``LoraConfig``: q, k and v of every block of both encoders, rank 2.
+
+    Raises:
+        ValueError: when ``name`` is not a random-initialisable architecture.
+    """
+    if name not in ARCHITECTURES:
+        raise ValueError(f"Unknown model {name!r}. Use one of {sorted(ARCHITECTURES)}.")
+    backbone = load_backbone(ModelConfig(name=name, random_init=True))
+    classnames = [f"class {i}" for i in range(NUM_CLASSES)]
+    model = ZeroShotClassifier(backbone.model, backbone.tokenizer, classnames, TEMPLATE)
+    apply_lora(backbone.model, LoraConfig())
+    return model.to(device)
+
+
+def _train_step(
+    model: ZeroShotClassifier,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    device: torch.device,
+    precision: str,
+) -> float:
+    """Run one step of ``client_update``'s loop and return the loss."""
+    with autocast_context(device, precision):
+        logits = model(images)
+    loss = F.cross_entropy(logits.float(), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()  # client_update reads the loss every step, which also waits for the device
+
+
+def _eval_step(model: ZeroShotClassifier, images: torch.Tensor, device: torch.device, precision: str) -> torch.Tensor:
+    """Run one batch of ``predict_probabilities`` and return the probabilities on the CPU."""
+    with torch.no_grad(), autocast_context(device, precision):
+        logits = model(images)
+    return torch.softmax(logits.float(), dim=-1).cpu()
+
+
+def _time_steps(step: Callable[[], object], warmup: int, steps: int, device: torch.device) -> list[float]:
+    for _ in range(warmup):
+        step()
+    _synchronize(device)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        _synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _profile_train_step(step: Callable[[], object], device: torch.device, top: int) -> dict[str, Any]:
+    """Profile one training step and return its slowest operators by self time.
+
+    The matmul share is the self time of :data:`MATMUL_OPERATORS` over the self time of
+    all operators, and ``matmul_flops_per_second`` is the profiler's FLOP estimate for
+    those operators over their self time.
+    """
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities, with_flops=True) as profiler:
+        step()
+        _synchronize(device)
+
+    time_attribute = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = [event for event in profiler.key_averages() if getattr(event, time_attribute) > 0]
+    events.sort(key=lambda event: getattr(event, time_attribute), reverse=True)
+    total_us = sum(getattr(event, time_attribute) for event in events)
+    matmul_events = [event for event in events if event.key in MATMUL_OPERATORS]
+    matmul_us = sum(getattr(event, time_attribute) for event in matmul_events)
+    matmul_flops = sum(event.flops for event in matmul_events)
+    return {
+        "time": "device" if device.type == "cuda" else "cpu",
+        "total_self_ms": total_us / 1e3,
+        "matmul_share": matmul_us / total_us if total_us else 0.0,
+        "matmul_flops_per_second": matmul_flops / (matmul_us / 1e6) if matmul_us else 0.0,
+        "top_ops": [
+            {
+                "op": event.key,
+                "calls": event.count,
+                "self_ms": getattr(event, time_attribute) / 1e3,
+                "share": getattr(event, time_attribute) / total_us,
+            }
+            for event in events[:top]
+        ],
+    }
+
+
+def _encoder_shares(flops: FlopCount) -> dict[str, float]:
+    """Return the share of FLOPs spent in each CLIP encoder, by module path suffix."""
+    shares = {}
+    for encoder in ("vision_model", "text_model"):
+        encoder_flops = sum(n for name, n in flops.by_module.items() if name.endswith(f"clip.{encoder}"))
+        shares[encoder] = encoder_flops / flops.total if flops.total else 0.0
+    return shares
+
+
+@dataclass
+class ModelResult:
+    """Throughput of one model; times in seconds, FLOPs per batch."""
+
+    model: str
+    random_init: bool
+    image_size: int
+    batch_size: int
+    precision: str
+    parameters: int
+    trainable_parameters: int
+    warmup_steps: int
+    steps: int
+    train_step_times: list[float]
+    train_step_seconds: float
+    """Mean of ``train_step_times``."""
+    train_images_per_second: float
+    """``batch_size / train_step_seconds``."""
+    eval_step_times: list[float]
+    eval_step_seconds: float
+    eval_images_per_second: float
+    train_flops_per_step: int
+    """Forward and backward FLOPs of one training step."""
+    eval_flops_per_step: int
+    train_flops_by_operator: dict[str, int]
+    train_flop_share_by_encoder: dict[str, float]
+    eval_flop_share_by_encoder: dict[str, float]
+    train_flops_per_second: float
+    eval_flops_per_second: float
+    matmul_flops_per_second: float
+    train_mfu: float
+    """Fraction of ``matmul_flops_per_second``."""
+    eval_mfu: float
+    peak_memory_bytes: int | None = None
+    """Peak CUDA memory of the training steps; None on the CPU."""
+    profile: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def measure_model(
+    name: str,
+    matmul_flops_per_second: float,
+    batch_size: int = 32,
+    steps: int = 3,
+    warmup: int = 1,
+    device: torch.device | None = None,
+    precision: Literal["fp32", "bf16"] = "fp32",
+    seed: int = 0,
+    profile: bool = False,
+) -> ModelResult:
+    """Time FL²oRA training and evaluation steps of model ``name`` on random images.
+
+    A training step is ``client_update``'s loop body: forward (with autocast on CUDA
+    when ``precision`` is bf16), cross-entropy, backward, SGD with the default
+    ``TrainConfig`` (lr 1e-3, momentum 0.9, weight decay 5e-4), and reading the loss.
+    An evaluation step is a ``no_grad`` forward in eval mode plus the softmax copied to
+    the CPU. Each kind gets ``warmup`` untimed steps, then ``steps`` timed ones.
+
+    Args:
+        name: architecture from ``fl2ora.model.backbone.ARCHITECTURES``.
+        matmul_flops_per_second: reference throughput for the MFU, from :func:`measure_matmul`.
+        batch_size: images per step.
+        steps: timed steps, >= 1.
+        warmup: untimed steps before timing, >= 0.
+        device: where to run; the CPU when None.
+        precision: ``fp32``, or ``bf16`` autocast (CUDA only, as in the product).
+        seed: seed of the random images, labels and LoRA dropout.
+        profile: also profile one training step with ``torch.profiler``.
+
+    Raises:
+        ValueError: on an unknown model, ``steps`` < 1, ``warmup`` < 0, ``batch_size`` < 1,
+            or a non-positive ``matmul_flops_per_second``.
+    """
+    device = device or torch.device("cpu")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps!r}.")
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup!r}.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}. The study uses 32.")
+    if not (math.isfinite(matmul_flops_per_second) and matmul_flops_per_second > 0):
+        raise ValueError(f"matmul_flops_per_second must be positive, got {matmul_flops_per_second!r}.")
+
+    # Build the model, then a batch of random images and labels on the device.
+    model = build_fl2ora_model(name, device)
+    image_size = model.clip.config.vision_config.image_size
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch_size, 3, image_size, image_size, generator=generator).to(device)
+    labels = torch.randint(0, NUM_CLASSES, (batch_size,), generator=generator).to(device)
+    train = TrainConfig()
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(parameters, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
+    torch.manual_seed(seed)  # LoRA dropout draws from the global generator
+
+    def train_step() -> float:
+        return _train_step(model, optimizer, images, labels, device, precision)
+
+    def eval_step() -> torch.Tensor:
+        return _eval_step(model, images, device, precision)
+
+    def forward_backward() -> None:
+        with autocast_context(device, precision):
+            logits = model(images)
+        F.cross_entropy(logits.float(), labels).backward()
+
+    # Count FLOPs on an untimed pass. The gradients it leaves are cleared by the next step's zero_grad.
+    model.train()
+    train_flops = count_flops(forward_backward)
+    model.eval()
+    eval_flops = count_flops(eval_step)
+
+    model.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    train_times = _time_steps(train_step, warmup, steps, device)
+    peak_memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    profile_result = _profile_train_step(train_step, device, PROFILE_TOP_OPS) if profile else None
+
+    model.eval()
+    eval_times = _time_steps(eval_step, warmup, steps, device)
+
+    train_seconds = sum(train_times) / len(train_times)
+    eval_seconds = sum(eval_times) / len(eval_times)
+    train_rate = achieved_flops_per_second(train_flops.total, train_seconds)
+    eval_rate = achieved_flops_per_second(eval_flops.total, eval_seconds)
+    notes = []
+    eval_text_share = _encoder_shares(eval_flops)["text_model"]
+    if eval_text_share > 0:
+        # ZeroShotClassifier caches text features only when no text parameter is trainable.
+        notes.append(
+            f"Evaluation reruns the text encoder on every batch ({eval_text_share:.0%} of its FLOPs) "
+            "because LoRA makes text parameters trainable."
+        )
+    return ModelResult(
+        model=name,
+        random_init=True,
+        image_size=image_size,
+        batch_size=batch_size,
+        precision=precision,
+        parameters=sum(p.numel() for p in model.parameters()),
+        trainable_parameters=count_trainable(model),
+        warmup_steps=warmup,
+        steps=steps,
+        train_step_times=train_times,
+        train_step_seconds=train_seconds,
+        train_images_per_second=batch_size / train_seconds,
+        eval_step_times=eval_times,
+        eval_step_seconds=eval_seconds,
+        eval_images_per_second=batch_size / eval_seconds,
+        train_flops_per_step=train_flops.total,
+        eval_flops_per_step=eval_flops.total,
+        train_flops_by_operator=train_flops.by_operator,
+        train_flop_share_by_encoder=_encoder_shares(train_flops),
+        eval_flop_share_by_encoder=_encoder_shares(eval_flops),
+        train_flops_per_second=train_rate,
+        eval_flops_per_second=eval_rate,
+        matmul_flops_per_second=matmul_flops_per_second,
+        train_mfu=model_flops_utilisation(train_rate, matmul_flops_per_second),
+        eval_mfu=model_flops_utilisation(eval_rate, matmul_flops_per_second),
+        peak_memory_bytes=peak_memory,
+        profile=profile_result,
+        notes=notes,
+    )
+
+
+def describe_machine(device: torch.device) -> dict[str, Any]:
+    """Return the CPU model, core counts, torch version and thread count (and the GPU on CUDA)."""
+    cpu_model = platform.processor() or "unknown"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    machine = {
+        "cpu_model": cpu_model,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    if device.type == "cuda":
+        machine["gpu"] = torch.cuda.get_device_name(device)
+    return machine
+
+
+_COLUMNS = (
+    ("model", "model", "{}"),
+    ("params", "parameters", "{:,}"),
+    ("trainable", "trainable_parameters", "{:,}"),
+    ("s/step", "train_step_seconds", "{:.3f}"),
+    ("train img/s", "train_images_per_second", "{:.1f}"),
+    ("eval img/s", "eval_images_per_second", "{:.1f}"),
+    ("GFLOP/step", "train_flops_per_step", "{:.1f}"),
+    ("achieved GFLOP/s", "train_flops_per_second", "{:.1f}"),
+    ("matmul GFLOP/s", "matmul_flops_per_second", "{:.1f}"),
+    ("MFU %", "train_mfu", "{:.1f}"),
+)
+_SCALES = {"train_flops_per_step": 1e-9, "train_flops_per_second": 1e-9, "matmul_flops_per_second": 1e-9, "train_mfu": 100}
+
+
+def table_rows(results: Sequence[ModelResult]) -> tuple[list[str], list[list[str]]]:
+    """Return the table header and one formatted row per model."""
+    header = [title for title, _, _ in _COLUMNS]
+    rows = []
+    for result in results:
+        row = []
+        for _, attribute, template in _COLUMNS:
+            value = getattr(result, attribute)
+            row.append(template.format(value * _SCALES.get(attribute, 1)))
+        rows.append(row)
+    return header, rows
+
+
+def format_text_table(results: Sequence[ModelResult]) -> str:
+    header, rows = table_rows(results)
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
+    lines = ["  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in [header, *rows]]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def format_markdown(report: dict[str, Any], results: Sequence[ModelResult]) -> str:
+    """Return the figures as a Markdown section: table, machine, settings and profiles."""
+    header, rows = table_rows(results)
+    machine = report["machine"]
+    matmul = report["matmul"]
+    lines = [
+        f"Measured {report['date']} with `{report['command']}`.",
+        "",
+        f"Machine: {machine['cpu_model']} ({machine['cpu_capability']}), {machine['usable_cpus']} usable of "
+        f"{machine['logical_cpus']} logical CPUs, {machine['torch_threads']} torch threads, torch {machine['torch']}"
+        + (f", GPU {machine['gpu']}" if "gpu" in machine else "")
+        + ".",
+        "",
+        f"Matmul reference: {matmul['dtype']} `torch.mm`, best size {matmul['best_size']}, "
+        + ", ".join(f"{n}: {v['flops_per_second'] / 1e9:.1f}" for n, v in matmul["by_size"].items())
+        + " GFLOP/s.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|",
+        *("| " + " | ".join(row) + " |" for row in rows),
+        "",
+        f"Batch {results[0].batch_size}, {results[0].warmup_steps} warm-up and {results[0].steps} timed steps "
+        f"per model, {results[0].precision}. {RANDOM_INIT_WARNING} Throughput does not depend on the weights.",
+    ]
+    for result in results:
+        for note in result.notes:
+            lines += ["", f"{result.model}: {note}"]
+        if result.profile:
+            profile = result.profile
+            lines += [
+                "",
+                f"Profile of one {result.model} training step ({profile['time']} self time "
+                f"{profile['total_self_ms']:.0f} ms, matmul operators {profile['matmul_share']:.0%} of it at "
+                f"{profile['matmul_flops_per_second'] / 1e9:.1f} GFLOP/s):",
+                "",
+                "| operator | calls | self ms | share |",
+                "|---|---:|---:|---:|",
+                *(
+                    f"| `{op['op']}` | {op['calls']} | {op['self_ms']:.1f} | {op['share']:.1%} |"
+                    for op in profile["top_ops"]
+                ),
+            ]
+    return "\n".join(lines) + "\n"
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=sorted(ARCHITECTURES),
+                        help="architectures to measure, random-initialised (default: %(default)s)")
+    parser.add_argument("--steps", type=_positive_int, default=3, help="timed steps per model and mode (default: 3)")
+    parser.add_argument("--warmup", type=_non_negative_int, default=1, help="untimed steps before timing (default: 1)")
+    parser.add_argument("--batch-size", type=_positive_int, default=32, help="images per step (default: 32)")
+    parser.add_argument("--threads", type=_positive_int, default=None,
+                        help="torch intra-op threads (default: torch's choice, usually the usable cores)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cpu: fp32 throughout; cuda: bf16 matmul reference and bf16 autocast (default: cpu)")
+    parser.add_argument("--matmul-sizes", nargs="+", type=_positive_int, default=None,
+                        help=f"square matrix sizes for the reference (default: {CPU_MATMUL_SIZES} on the CPU, "
+                             f"{CUDA_MATMUL_SIZES} on CUDA)")
+    parser.add_argument("--matmul-seconds", type=float, default=1.0,
+                        help="minimum seconds of products per matrix size (default: 1.0)")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile one training step per model and report the slowest operators")
+    parser.add_argument("--json", type=Path, default=None, help="write every figure to this JSON file")
+    parser.add_argument("--markdown", type=Path, default=None, help="write the table to this Markdown file")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda was requested but torch.cuda.is_available() is False. Use --device cpu.")
+    if args.matmul_seconds < 0:
+        parser.error(f"--matmul-seconds must be >= 0, got {args.matmul_seconds}.")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    precision: Literal["fp32", "bf16"] = "bf16" if device.type == "cuda" else "fp32"
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    sizes = args.matmul_sizes or (CUDA_MATMUL_SIZES if device.type == "cuda" else CPU_MATMUL_SIZES)
+
+    machine = describe_machine(device)
+    logger.info("Machine: %s", machine)
+    matmul = measure_matmul(sizes, device, dtype, min_seconds=args.matmul_seconds)
+    results = []
+    for name in args.models:
+        logger.info("Measuring %s: batch %d, %d warm-up + %d steps", name, args.batch_size, args.warmup, args.steps)
+        results.append(
+            measure_model(
+                name,
+                matmul.flops_per_second,
+                batch_size=args.batch_size,
+                steps=args.steps,
+                warmup=args.warmup,
+                device=device,
+                precision=precision,
+                profile=args.profile,
+            )
+        )
+
+    report = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python", "benchmarks/throughput.py", *(argv if argv is not None else sys.argv[1:])]),
+        "machine": machine,
+        "matmul": asdict(matmul),
+        "data_loading": "excluded: random batches are created on the device before timing",
+        "warning": RANDOM_INIT_WARNING,
+        "models": [asdict(result) for result in results],
+    }
+    markdown = format_markdown(report, results)
+    print(markdown if args.markdown is None else format_text_table(results))
+    if args.markdown is not None:
+        print(f"\n{RANDOM_INIT_WARNING} Data loading is excluded.")
+        args.markdown.write_text(markdown)
+        logger.info("Wrote %s", args.markdown)
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        logger.info("Wrote %s", args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
