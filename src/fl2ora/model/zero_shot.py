@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import string
 
 import torch
 import torch.nn.functional as F
@@ -19,10 +20,15 @@ def format_prompts(template: str, classnames: list[str]) -> list[str]:
     ['a photo of a airplane.', 'a photo of a sea turtle.']
 
     Raises:
-        ValueError: when the template has no ``{}`` placeholder.
+        ValueError: when the template does not have exactly one ``{}`` placeholder.
     """
-    if "{}" not in template:
-        raise ValueError(f"Prompt template {template!r} has no '{{}}' placeholder for the class name, e.g. 'a photo of a {{}}.'")
+    try:
+        fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+    except ValueError:  # an unmatched brace
+        fields = None
+    # An escaped "{{}}" holds no placeholder and would give every class the same prompt.
+    if fields != [""]:
+        raise ValueError(f"Prompt template {template!r} must have exactly one '{{}}' placeholder for the class name, e.g. 'a photo of a {{}}.'")
     return [template.format(name.replace("_", " ")) for name in classnames]
 
 
