@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -56,8 +57,10 @@ TEMPLATE = "a photo of a {}."
 CPU_MATMUL_SIZES = (1024, 2048, 3072)
 CUDA_MATMUL_SIZES = (4096, 8192)
 PROFILE_TOP_OPS = 12
-# Operators whose FLOPs the profiler estimates; their time is the "matmul time" of a step.
-MATMUL_OPERATORS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::conv2d", "aten::convolution")
+# Profiler operators that run matrix multiplies and convolutions. The profiler estimates FLOPs
+# for the first four only (it counts convolutions on the composite aten::conv2d).
+_GEMM_OPERATORS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+MATMUL_OPERATORS = (*_GEMM_OPERATORS, "aten::mkldnn_convolution", "aten::convolution_backward")
 
 
 def _cpu_flash_attention_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -272,12 +275,20 @@ def _time_steps(step: Callable[[], object], warmup: int, steps: int, device: tor
     return times
 
 
-def _profile_train_step(step: Callable[[], object], device: torch.device, top: int) -> dict[str, Any]:
-    """Profile one training step and return its slowest operators by self time.
+def _operator_category(name: str) -> Literal["matmul", "attention", "other"]:
+    if name in MATMUL_OPERATORS:
+        return "matmul"
+    if "scaled_dot_product" in name or "flash_attention" in name or "efficient_attention" in name:
+        return "attention"
+    return "other"
 
-    The matmul share is the self time of :data:`MATMUL_OPERATORS` over the self time of
-    all operators, and ``matmul_flops_per_second`` is the profiler's FLOP estimate for
-    those operators over their self time.
+
+def _profile_train_step(step: Callable[[], object], device: torch.device, top: int) -> dict[str, Any]:
+    """Profile one training step and return its time by operator category and its slowest operators.
+
+    Times are self times: CPU time on the CPU, and on CUDA the device time of the
+    kernels each operator launched. ``matmul_flops_per_second`` divides the profiler's
+    FLOP estimate for mm, addmm, bmm and baddbmm by their self time.
     """
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
@@ -286,21 +297,31 @@ def _profile_train_step(step: Callable[[], object], device: torch.device, top: i
         step()
         _synchronize(device)
 
+    # Kernel events repeat the device time of the operators that launched them, so keep operators only.
     time_attribute = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    events = [event for event in profiler.key_averages() if getattr(event, time_attribute) > 0]
+    events = [
+        event
+        for event in profiler.key_averages()
+        if event.device_type == torch.autograd.DeviceType.CPU and getattr(event, time_attribute) > 0
+    ]
     events.sort(key=lambda event: getattr(event, time_attribute), reverse=True)
     total_us = sum(getattr(event, time_attribute) for event in events)
-    matmul_events = [event for event in events if event.key in MATMUL_OPERATORS]
-    matmul_us = sum(getattr(event, time_attribute) for event in matmul_events)
-    matmul_flops = sum(event.flops for event in matmul_events)
+
+    category_us = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+    for event in events:
+        category_us[_operator_category(event.key)] += getattr(event, time_attribute)
+    gemm_events = [event for event in events if event.key in _GEMM_OPERATORS]
+    gemm_us = sum(getattr(event, time_attribute) for event in gemm_events)
+    gemm_flops = sum(event.flops for event in gemm_events)
     return {
         "time": "device" if device.type == "cuda" else "cpu",
         "total_self_ms": total_us / 1e3,
-        "matmul_share": matmul_us / total_us if total_us else 0.0,
-        "matmul_flops_per_second": matmul_flops / (matmul_us / 1e6) if matmul_us else 0.0,
+        "share_by_category": {name: us / total_us for name, us in category_us.items()} if total_us else {},
+        "matmul_flops_per_second": gemm_flops / (gemm_us / 1e6) if gemm_us else 0.0,
         "top_ops": [
             {
                 "op": event.key,
+                "category": _operator_category(event.key),
                 "calls": event.count,
                 "self_ms": getattr(event, time_attribute) / 1e3,
                 "share": getattr(event, time_attribute) / total_us,
@@ -334,7 +355,7 @@ class ModelResult:
     steps: int
     train_step_times: list[float]
     train_step_seconds: float
-    """Mean of ``train_step_times``."""
+    """Median of ``train_step_times``."""
     train_images_per_second: float
     """``batch_size / train_step_seconds``."""
     eval_step_times: list[float]
@@ -440,8 +461,9 @@ def measure_model(
     model.eval()
     eval_times = _time_steps(eval_step, warmup, steps, device)
 
-    train_seconds = sum(train_times) / len(train_times)
-    eval_seconds = sum(eval_times) / len(eval_times)
+    # The median resists a step slowed down by another process on the machine.
+    train_seconds = statistics.median(train_times)
+    eval_seconds = statistics.median(eval_times)
     train_rate = achieved_flops_per_second(train_flops.total, train_seconds)
     eval_rate = achieved_flops_per_second(eval_flops.total, eval_seconds)
     notes = []
@@ -482,6 +504,11 @@ def measure_model(
         profile=profile_result,
         notes=notes,
     )
+
+
+def _load_average() -> float:
+    """Return the 1-minute load average, or NaN where the platform has none."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
 
 
 def describe_machine(device: torch.device) -> dict[str, Any]:
@@ -536,55 +563,67 @@ def table_rows(results: Sequence[ModelResult]) -> tuple[list[str], list[list[str
     return header, rows
 
 
-def format_text_table(results: Sequence[ModelResult]) -> str:
-    header, rows = table_rows(results)
+def render_table(header: list[str], rows: list[list[str]], markdown: bool) -> list[str]:
+    """Render a table as Markdown, or as plain-text columns, numbers right-aligned."""
+    if markdown:
+        return [
+            "| " + " | ".join(header) + " |",
+            "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|",
+            *("| " + " | ".join(row) + " |" for row in rows),
+        ]
     widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
-    lines = ["  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in [header, *rows]]
+    lines = [
+        "  ".join(cell.ljust(width) if i == 0 else cell.rjust(width) for i, (cell, width) in enumerate(zip(line, widths)))
+        for line in [header, *rows]
+    ]
     lines.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(lines)
+    return lines
 
 
-def format_markdown(report: dict[str, Any], results: Sequence[ModelResult]) -> str:
-    """Return the figures as a Markdown section: table, machine, settings and profiles."""
-    header, rows = table_rows(results)
+def format_report(report: dict[str, Any], results: Sequence[ModelResult], markdown: bool = False) -> str:
+    """Return the figures as text or Markdown: machine, matmul reference, table, notes and profiles."""
     machine = report["machine"]
     matmul = report["matmul"]
+    code = "`" if markdown else ""
+    first = results[0]
     lines = [
-        f"Measured {report['date']} with `{report['command']}`.",
+        f"Measured {report['date']} with {code}{report['command']}{code}.",
         "",
         f"Machine: {machine['cpu_model']} ({machine['cpu_capability']}), {machine['usable_cpus']} usable of "
         f"{machine['logical_cpus']} logical CPUs, {machine['torch_threads']} torch threads, torch {machine['torch']}"
         + (f", GPU {machine['gpu']}" if "gpu" in machine else "")
+        + f". Load average (1 min) {report['load_average_at_start']:.2f} at the start, "
+        f"{report['load_average_at_end']:.2f} at the end.",
+        "",
+        f"Matmul reference: {matmul['dtype']} {code}torch.mm{code} on n x n matrices, GFLOP/s by n: "
+        + ", ".join(f"{n}: {v['flops_per_second'] / 1e9:.1f}" for n, v in matmul["by_size"].items())
         + ".",
         "",
-        f"Matmul reference: {matmul['dtype']} `torch.mm`, best size {matmul['best_size']}, "
-        + ", ".join(f"{n}: {v['flops_per_second'] / 1e9:.1f}" for n, v in matmul["by_size"].items())
-        + " GFLOP/s.",
+        *render_table(*table_rows(results), markdown=markdown),
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|",
-        *("| " + " | ".join(row) + " |" for row in rows),
-        "",
-        f"Batch {results[0].batch_size}, {results[0].warmup_steps} warm-up and {results[0].steps} timed steps "
-        f"per model, {results[0].precision}. {RANDOM_INIT_WARNING} Throughput does not depend on the weights.",
+        f"Batch {first.batch_size}, {first.precision}, median of {first.steps} timed steps after "
+        f"{first.warmup_steps} warm-up. Data loading is excluded. {RANDOM_INIT_WARNING} "
+        "Throughput does not depend on the weights.",
     ]
     for result in results:
         for note in result.notes:
             lines += ["", f"{result.model}: {note}"]
         if result.profile:
             profile = result.profile
+            header = ["operator", "category", "calls", "self ms", "share"]
+            rows = [
+                [f"{code}{op['op']}{code}", op["category"], str(op["calls"]), f"{op['self_ms']:.1f}", f"{op['share']:.1%}"]
+                for op in profile["top_ops"]
+            ]
+            shares = profile["share_by_category"]
             lines += [
                 "",
-                f"Profile of one {result.model} training step ({profile['time']} self time "
-                f"{profile['total_self_ms']:.0f} ms, matmul operators {profile['matmul_share']:.0%} of it at "
-                f"{profile['matmul_flops_per_second'] / 1e9:.1f} GFLOP/s):",
+                f"Profile of one {result.model} training step: {profile['total_self_ms']:.0f} ms of "
+                f"{profile['time']} self time, {shares['matmul']:.0%} in matmul operators (mm, addmm, bmm at "
+                f"{profile['matmul_flops_per_second'] / 1e9:.1f} GFLOP/s), {shares['attention']:.0%} in attention "
+                f"kernels, {shares['other']:.0%} in other operators.",
                 "",
-                "| operator | calls | self ms | share |",
-                "|---|---:|---:|---:|",
-                *(
-                    f"| `{op['op']}` | {op['calls']} | {op['self_ms']:.1f} | {op['share']:.1%} |"
-                    for op in profile["top_ops"]
-                ),
+                *render_table(header, rows, markdown=markdown),
             ]
     return "\n".join(lines) + "\n"
 
@@ -643,6 +682,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     machine = describe_machine(device)
     logger.info("Machine: %s", machine)
+    load_at_start = _load_average()
+    if load_at_start > 0.5 * machine["usable_cpus"]:
+        logger.warning(
+            "Load average %.2f on %d usable CPUs: other processes compete for the cores, so the figures "
+            "will be low and noisy.", load_at_start, machine["usable_cpus"],
+        )
     matmul = measure_matmul(sizes, device, dtype, min_seconds=args.matmul_seconds)
     results = []
     for name in args.models:
@@ -662,18 +707,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     report = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python", "benchmarks/throughput.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(["python", "benchmarks/throughput.py", *(sys.argv[1:] if argv is None else argv)]),
         "machine": machine,
+        "load_average_at_start": load_at_start,
+        "load_average_at_end": _load_average(),
         "matmul": asdict(matmul),
         "data_loading": "excluded: random batches are created on the device before timing",
         "warning": RANDOM_INIT_WARNING,
         "models": [asdict(result) for result in results],
     }
-    markdown = format_markdown(report, results)
-    print(markdown if args.markdown is None else format_text_table(results))
+    print(format_report(report, results, markdown=False))
     if args.markdown is not None:
-        print(f"\n{RANDOM_INIT_WARNING} Data loading is excluded.")
-        args.markdown.write_text(markdown)
+        args.markdown.write_text(format_report(report, results, markdown=True))
         logger.info("Wrote %s", args.markdown)
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2) + "\n")

@@ -85,10 +85,10 @@ def test_image_samples_subset_shares_sources():
 
 def test_image_samples_with_transform():
     samples = ImageSamples([np.zeros((3, 3, 3), dtype=np.uint8)], [0])
-    flipped = samples.with_transform(lambda image: torch.tensor(image.size))
+    sized = samples.with_transform(lambda image: torch.tensor(image.size))
     assert samples.transform is None
-    assert torch.equal(flipped[0][0], torch.tensor([3, 3]))
-    assert flipped.sources[0] is samples.sources[0]
+    assert torch.equal(sized[0][0], torch.tensor([3, 3]))
+    assert sized.sources[0] is samples.sources[0]
 
 
 @pytest.mark.parametrize(
@@ -289,6 +289,14 @@ def test_cifar10_torchvision_layout(tmp_path, skip_cifar_md5):
     assert len(load_cifar10(tmp_path / "cifar-10-batches-py").train) == 20
 
 
+def test_cifar10_torchvision_layout_archive(tmp_path, skip_cifar_md5):
+    written = write_fake_cifar_batches(tmp_path / "src")
+    archive = make_tar(tmp_path / "batches.tar.gz", tmp_path / "src", "cifar-python")
+    data = load_cifar10(archive, cache_dir=tmp_path / "cache")
+    np.testing.assert_array_equal(data.test.labels, written["test_batch"][1])
+    assert len(data.train) == 20
+
+
 def test_cifar10_torchvision_layout_bad_checksum(tmp_path):
     write_fake_cifar_batches(tmp_path)
     with pytest.raises(ValueError, match=r"torchvision could not read CIFAR-10.*download=true"):
@@ -299,7 +307,7 @@ def test_cifar10_torchvision_layout_wrong_classes(tmp_path, skip_cifar_md5):
     write_fake_cifar_batches(tmp_path)
     with open(tmp_path / "cifar-10-batches-py" / "batches.meta", "wb") as handle:
         pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, handle)
-    with pytest.raises(ValueError, match="does not hold CIFAR-10"):
+    with pytest.raises(ValueError, match="does not contain CIFAR-10"):
         load_cifar10(tmp_path)
 
 

@@ -111,7 +111,7 @@ def test_dirichlet_test_split_follows_train_shares(labels, num_clients, beta, mi
 
 @pytest.mark.parametrize("num_clients,beta,min_samples", SETTINGS)
 def test_dirichlet_zeroing_rule(labels, num_clients, beta, min_samples):
-    """A client gets samples of class c only while it holds fewer than N / K training samples."""
+    """A client gets samples of class c only while it has fewer than N / K training samples."""
     train, test = labels
     result = dirichlet_partition(train, test, num_clients, beta=beta, min_samples=min_samples, seed=6)
     train_counts = per_client_counts(result.train_indices, train)  # (K, C)

@@ -49,7 +49,7 @@ def test_special_token_ids(tokenizer):
 def test_vocabulary_matches_open_clip(tokenizer):
     reference = open_clip.tokenizer.SimpleTokenizer().encoder
     vocab = tokenizer.get_vocab()
-    # open_clip 3 spells the special tokens <start_of_text> and <end_of_text>; their ids are the same.
+    # open_clip 3 spells the special tokens <start_of_text> and <end_of_text>, with the same ids.
     assert reference.pop("<start_of_text>") == vocab.pop("<|startoftext|>") == BOS
     assert reference.pop("<end_of_text>") == vocab.pop("<|endoftext|>") == EOS
     assert vocab == reference

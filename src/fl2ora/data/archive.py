@@ -81,7 +81,7 @@ def _extract_into(archive: Path, destination: Path) -> int:
         if isinstance(error, getattr(tarfile, "FilterError", ())):
             raise ValueError(f"Unsafe archive {archive}: {error}") from error
         raise ValueError(
-            f"Cannot read archive {archive}: {error}. Check that it is a complete tar archive; "
+            f"Cannot read archive {archive}: {error}. Check that it is a complete tar archive, and "
             "download or copy it again if it was truncated."
         ) from error
     return len(members)
@@ -129,7 +129,7 @@ def extract_archive(archive: str | Path, cache_dir: str | Path | None = None) ->
         (staging / COMPLETE_MARKER).write_text(f"{archive.resolve()}\n{count} members\n")
 
         if target.exists() and not marker.is_file():
-            # A folder without the marker was left by an interrupted copy or made by hand; replace it.
+            # A folder without the marker was left by an interrupted copy or made by hand, so replace it.
             logger.warning("Replacing incomplete folder %s", target)
             shutil.rmtree(target, ignore_errors=True)
         try:
@@ -138,7 +138,7 @@ def extract_archive(archive: str | Path, cache_dir: str | Path | None = None) ->
             # Another process renamed its complete copy into place first.
             if not marker.is_file():
                 raise
-            logger.debug("Another process unpacked %s first; using %s", archive, target)
+            logger.debug("Another process unpacked %s first, so %s is reused", archive, target)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

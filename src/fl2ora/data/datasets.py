@@ -39,8 +39,8 @@ _CIFAR10_BATCHES = "cifar-10-batches-py"
 _CIFAR10_LAYOUTS = (
     "Expected one of: (a) torchvision's layout <root>/cifar-10-batches-py/ with data_batch_1..5, "
     "test_batch and batches.meta; (b) image folders <root>/train/<class>/*.jpg and "
-    "<root>/test/<class>/*.jpg with the 10 CIFAR-10 class names, also accepted under <root>/cifar10/; "
-    "(c) the path of a .tar.gz archive that unpacks to (a) or (b)."
+    "<root>/test/<class>/*.jpg with the 10 CIFAR-10 class names, also accepted under <root>/cifar10/, "
+    "or (c) the path of a .tar.gz archive that unpacks to (a) or (b)."
 )
 _CIFAR10_FIX = (
     "Pass data.download=true to download layout (a) with torchvision, or set data.root to a CIFAR-10 "
@@ -71,7 +71,7 @@ class ImageSamples(Dataset):
                 f"labels must be a 1-D array of integer class ids, got shape {labels.shape} dtype {labels.dtype}."
             )
         if len(sources) != len(labels):
-            raise ValueError(f"Got {len(sources)} image sources but {len(labels)} labels; pass one label per image.")
+            raise ValueError(f"Got {len(sources)} image sources but {len(labels)} labels. Pass one label per image.")
         self.sources: list[ImageSource] = list(sources)
         self.labels: np.ndarray = labels.astype(np.int64, copy=False)
         self.transform = transform
@@ -140,7 +140,7 @@ class ImageClassificationData:
             if len(samples) and samples.labels.max() >= len(self.classnames):
                 raise ValueError(
                     f"{split} labels go up to {samples.labels.max()} but only {len(self.classnames)} class "
-                    "names were given; pass one name per class id."
+                    "names were given. Pass one name per class id."
                 )
 
     @property
@@ -200,15 +200,15 @@ def subsample_per_class(labels: np.ndarray | Sequence[int], max_per_class: int, 
         raise ValueError(f"labels must be a 1-D integer array, got shape {labels.shape} dtype {labels.dtype}.")
 
     rng = np.random.default_rng(seed)
-    kept: list[np.ndarray] = []
+    chosen_per_class: list[np.ndarray] = []
     for class_id in np.unique(labels):
         members = np.flatnonzero(labels == class_id)
         if len(members) > max_per_class:
             members = rng.choice(members, size=max_per_class, replace=False)
-        kept.append(members)
-    if not kept:
+        chosen_per_class.append(members)
+    if not chosen_per_class:
         return np.zeros(0, dtype=np.int64)
-    return np.sort(np.concatenate(kept)).astype(np.int64)
+    return np.sort(np.concatenate(chosen_per_class)).astype(np.int64)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -229,7 +229,7 @@ def _has_splits(folder: Path) -> bool:
 
 
 def _find_split_root(root: Path, preferred_subfolder: str | None = None) -> Path | None:
-    """Return the folder holding ``train/`` and ``test/``: ``root``, a preferred or sole subfolder, or None."""
+    """Return the folder containing ``train/`` and ``test/``: ``root``, a preferred or sole subfolder, or None."""
     if _has_splits(root):
         return root
     if preferred_subfolder is not None and _has_splits(root / preferred_subfolder):
@@ -278,14 +278,14 @@ def load_image_folder(
 
     Class ids follow the sorted folder names, which must be the same in ``train`` and ``test``. The
     readable name of a class is ``classnames[folder]`` if given, else the folder name with ``_``
-    replaced by a space. ``root`` may also be a folder whose only subfolder holds ``train`` and
+    replaced by a space. ``root`` may also be a folder whose only subfolder contains ``train`` and
     ``test``, or a ``.tar.gz`` archive of such a tree.
 
     Args:
         root: dataset folder or archive.
         template: prompt with one ``{}`` for the class name.
         classnames: optional map from folder name to readable class name.
-        name: dataset name; defaults to the name of the folder holding ``train`` and ``test``.
+        name: dataset name; defaults to the name of the folder containing ``train`` and ``test``.
         cache_dir: where archives are unpacked; defaults to ``$FL2ORA_CACHE`` or ``~/.cache/fl2ora``.
 
     Returns:
@@ -296,16 +296,16 @@ def load_image_folder(
         ValueError: if the layout is malformed, a class folder is empty, or ``classnames`` names a
             folder that does not exist.
     """
-    given = Path(root).expanduser()
-    if not given.exists():
+    root_path = Path(root).expanduser()
+    if not root_path.exists():
         raise FileNotFoundError(
-            f"Dataset root not found: {given}. Expected <root>/train/<class>/* and <root>/test/<class>/*, "
+            f"Dataset root not found: {root_path}. Expected <root>/train/<class>/* and <root>/test/<class>/*, "
             "or a .tar.gz archive of that tree."
         )
-    split_root = _find_split_root(_resolve_archive(given, cache_dir))
+    split_root = _find_split_root(_resolve_archive(root_path, cache_dir))
     if split_root is None:
         raise ValueError(
-            f"No train/ and test/ folders found in {given}. Expected <root>/train/<class>/* and "
+            f"No train/ and test/ folders found in {root_path}. Expected <root>/train/<class>/* and "
             "<root>/test/<class>/* (or the same under a single subfolder of <root>, or a .tar.gz archive)."
         )
 
@@ -366,9 +366,9 @@ def _load_cifar10_batches(root: Path, download: bool) -> ImageClassificationData
         if list(dataset.classes) != list(CIFAR10_CLASSES):
             raise ValueError(
                 f"{root / _CIFAR10_BATCHES}/batches.meta lists classes {dataset.classes}, expected "
-                f"{list(CIFAR10_CLASSES)}. The folder does not hold CIFAR-10; {_CIFAR10_FIX}"
+                f"{list(CIFAR10_CLASSES)}. The folder does not contain CIFAR-10. {_CIFAR10_FIX}"
             )
-        # dataset.data: (N, 32, 32, 3) uint8; one view per sample, without copying.
+        # dataset.data is (N, 32, 32, 3) uint8. The list holds one view per sample, without copying.
         splits[split] = ImageSamples(list(dataset.data), np.asarray(dataset.targets, dtype=np.int64))
     return ImageClassificationData(
         splits["train"], splits["test"], list(CIFAR10_CLASSES), DEFAULT_TEMPLATE, "cifar10"
@@ -426,10 +426,10 @@ def load_cifar10(
         ValueError: if ``root`` matches no layout, the class folders differ from CIFAR-10's, or
             torchvision rejects the batch files.
     """
-    given = Path(root).expanduser()
-    if not given.exists() and not download:
-        raise FileNotFoundError(f"CIFAR-10 root not found: {given}. {_CIFAR10_LAYOUTS} {_CIFAR10_FIX}")
-    folder = _resolve_archive(given, cache_dir) if given.exists() else given
+    root_path = Path(root).expanduser()
+    if not root_path.exists() and not download:
+        raise FileNotFoundError(f"CIFAR-10 root not found: {root_path}. {_CIFAR10_LAYOUTS} {_CIFAR10_FIX}")
+    folder = _resolve_archive(root_path, cache_dir) if root_path.exists() else root_path
 
     batches_parent: Path | None = None
     if folder.name == _CIFAR10_BATCHES and folder.is_dir():
@@ -437,7 +437,7 @@ def load_cifar10(
     elif (folder / _CIFAR10_BATCHES).is_dir():
         batches_parent = folder
     elif folder.is_dir():
-        # An archive of layout (a) unpacks to <cache>/<key>/cifar-10-batches-py.
+        # One level deeper, as in an archive whose members start with <name>/cifar-10-batches-py/.
         subfolders = [p for p in folder.iterdir() if p.is_dir() and (p / _CIFAR10_BATCHES).is_dir()]
         batches_parent = subfolders[0] if len(subfolders) == 1 else None
 
@@ -450,11 +450,11 @@ def load_cifar10(
             data = _load_cifar10_folders(split_root)
             source = split_root
         elif download:
-            logger.info("No local CIFAR-10 found in %s; downloading with torchvision", folder)
+            logger.info("No local CIFAR-10 found in %s, so torchvision downloads it", folder)
             data = _load_cifar10_batches(folder, download=True)
             source = folder / _CIFAR10_BATCHES
         else:
-            raise ValueError(f"No CIFAR-10 layout found in {given}. {_CIFAR10_LAYOUTS} {_CIFAR10_FIX}")
+            raise ValueError(f"No CIFAR-10 layout found in {root_path}. {_CIFAR10_LAYOUTS} {_CIFAR10_FIX}")
 
     logger.info("Loaded CIFAR-10 from %s: %d train and %d test images", source, len(data.train), len(data.test))
     return data
@@ -470,7 +470,7 @@ def _load_image_folder_entry(
 ) -> ImageClassificationData:
     if download:
         raise ValueError(
-            "Dataset 'image_folder' cannot be downloaded; set data.download=false and point data.root at "
+            "Dataset 'image_folder' cannot be downloaded. Set data.download=false and point data.root at "
             "a local <root>/{train,test}/<class>/ tree."
         )
     return load_image_folder(root, cache_dir=cache_dir)

@@ -147,10 +147,10 @@ def dirichlet_partition(
 
     For each class c, in increasing class-id order, one attempt:
 
-    1. shuffles the class's train indices and its test indices;
-    2. draws shares p ~ Dir(beta * ones(K)) over the K clients;
-    3. sets to zero the share of every client that already holds >= N_train / K training samples,
-       and renormalises the rest;
+    1. shuffles the class's train indices and its test indices,
+    2. draws shares p ~ Dir(beta * ones(K)) over the K clients,
+    3. sets to zero the share of every client that already has >= N_train / K training samples,
+       and renormalises the rest,
     4. cuts the shuffled train indices at ``floor(cumsum(p) * n_train_c)`` and the shuffled test
        indices at ``floor(cumsum(p) * n_test_c)``, so both splits follow the same shares.
 
@@ -201,12 +201,12 @@ def dirichlet_partition(
             class_test = rng.permutation(class_test)
             shares = rng.dirichlet(np.full(num_clients, float(beta)))
 
-            # A client that already holds its even share of the training set gets nothing more.
+            # A client that already has its even share of the training set gets nothing more.
             shares = shares * (train_sizes < num_train / num_clients)
             total = shares.sum()
             if total <= 0:
                 # Every client still below N/K drew a share that underflowed to 0 (possible for tiny
-                # beta), so this class cannot be placed: count the attempt as failed.
+                # beta), so this class cannot be placed. The attempt counts as failed.
                 drawn_all_classes = False
                 break
             cumulative = np.cumsum(shares / total)
@@ -226,7 +226,7 @@ def dirichlet_partition(
         best_minimum = max(best_minimum, minimum)
         if minimum >= min_samples:
             logger.info(
-                "Dirichlet partition: %d clients, beta=%s, seed=%s, accepted attempt %d; "
+                "Dirichlet partition: %d clients, beta=%s, seed=%s, accepted attempt %d, "
                 "train sizes %d..%d, test sizes %d..%d",
                 num_clients, beta, seed, attempt,
                 train_sizes.min(), train_sizes.max(), test_sizes.min(), test_sizes.max(),
@@ -244,7 +244,7 @@ def dirichlet_partition(
     best = "none (every attempt had a class that could not be placed)" if best_minimum < 0 else best_minimum
     raise ValueError(
         f"Dirichlet partition failed: no attempt in max_tries={max_tries} gave each of num_clients={num_clients} "
-        f"clients at least min_samples={min_samples} train and test samples with beta={beta}; the best "
+        f"clients at least min_samples={min_samples} train and test samples with beta={beta}. The best "
         f"minimum reached was {best}. Lower min_samples, use fewer clients or a larger beta."
     )
 

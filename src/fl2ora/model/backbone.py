@@ -102,7 +102,7 @@ def _load_tokenizer(source: str | None, local_only: bool) -> CLIPTokenizer:
             logger.info("No tokenizer files with %s (%s); using the bundled CLIP tokenizer", source, error)
         else:
             # transformers 5.25 does not raise when the vocabulary files are missing: it returns a
-            # placeholder that holds only the special tokens and maps every word to <|endoftext|>.
+            # placeholder that contains only the special tokens and maps every word to <|endoftext|>.
             if len(tokenizer) > len(tokenizer.all_special_tokens):
                 return tokenizer
             logger.info("No tokenizer vocabulary with %s; using the bundled CLIP tokenizer", source)

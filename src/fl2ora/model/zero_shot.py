@@ -26,7 +26,7 @@ def format_prompts(template: str, classnames: list[str]) -> list[str]:
         fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
     except ValueError:  # an unmatched brace
         fields = None
-    # An escaped "{{}}" holds no placeholder and would give every class the same prompt.
+    # An escaped "{{}}" contains no placeholder and would give every class the same prompt.
     if fields != [""]:
         raise ValueError(f"Prompt template {template!r} must have exactly one '{{}}' placeholder for the class name, e.g. 'a photo of a {{}}.'")
     return [template.format(name.replace("_", " ")) for name in classnames]
