@@ -36,10 +36,29 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output", help="run directory (default: runs/<name>-<date>-<time>)")
     run.add_argument("--overwrite", action="store_true", help="replace a run directory that already holds a run")
     run.add_argument("--quiet", action="store_true", help="log warnings only on the console")
+
+    sweep = commands.add_parser("sweep", help="run the cross product of configuration values and compare the cells")
+    sweep.add_argument("config", help="base YAML configuration")
+    sweep.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        required=True,
+        metavar="KEY=V1,V2",
+        help="values of one key, e.g. --grid method=fl2ora,coop --grid seed=0,1 (repeatable)",
+    )
+    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a base configuration value (repeatable)")
+    sweep.add_argument("--output", help="sweep folder, one run directory per cell (default: runs/sweep-<name>)")
+    sweep.add_argument("--quiet", action="store_true", help="log warnings only on the console")
+
+    compare = commands.add_parser("compare", help="compare finished run directories in one table and plot")
+    compare.add_argument("runs", nargs="+", help="run directories")
+    compare.add_argument("--output", default=".", help="folder for comparison.md, comparison.csv, ece_vs_accuracy.png")
     return parser
 
 
-def _configure_logging(log_file: Path | None, quiet: bool) -> None:
+def _configure_logging(quiet: bool) -> None:
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
     root = logging.getLogger()
     root.setLevel(logging.INFO)
@@ -47,34 +66,44 @@ def _configure_logging(log_file: Path | None, quiet: bool) -> None:
     console.setLevel(logging.WARNING if quiet else logging.INFO)
     console.setFormatter(formatter)
     root.addHandler(console)
-    if log_file is not None:
-        handler = logging.FileHandler(log_file)
-        handler.setFormatter(formatter)
-        root.addHandler(handler)
     for noisy in ("httpx", "urllib3", "huggingface_hub", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _command_run(args: argparse.Namespace) -> int:
     # Imported here so that `fl2ora --help` and config errors stay fast.
-    from fl2ora.experiment import build_experiment
     from fl2ora.report import format_results_table
-    from fl2ora.rundir import LOG_FILE, RunDirectory
-    from fl2ora.runtime.simulation import run_simulation
+    from fl2ora.runner import run_experiment
 
     config = load_config(args.config, args.overrides)
     output = Path(args.output) if args.output else Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = RunDirectory(output, overwrite=args.overwrite)
-    _configure_logging(run_dir.file(LOG_FILE), args.quiet)
-    resolved = config_to_dict(config)
-    run_dir.write_config(resolved)
-    logger.info("Run directory %s; configuration:\n%s", run_dir.path, resolved)
-
-    experiment = build_experiment(config)
-    run_dir.write_partition(experiment.class_counts)
-    summary = run_simulation(experiment, run_dir)
+    _configure_logging(args.quiet)
+    summary = run_experiment(config, output, overwrite=args.overwrite)
     print(format_results_table(summary))
-    print(f"Run directory: {run_dir.path}")
+    print(f"Run directory: {output}")
+    return 0
+
+
+def _command_sweep(args: argparse.Namespace) -> int:
+    from fl2ora.sweep import parse_grid, run_sweep
+
+    base = config_to_dict(load_config(args.config, args.overrides))
+    grid = parse_grid(args.grid)
+    output = Path(args.output) if args.output else Path("runs") / f"sweep-{base['name']}"
+    _configure_logging(args.quiet)
+    run_sweep(base, grid, output)
+    print((output / "comparison.md").read_text())
+    print(f"Sweep folder: {output} (comparison.md, comparison.csv, ece_vs_accuracy.png)")
+    return 0
+
+
+def _command_compare(args: argparse.Namespace) -> int:
+    from fl2ora.compare import read_run, write_comparison
+
+    records = [read_run(path) for path in args.runs]
+    output = Path(args.output)
+    write_comparison(records, output)
+    print((output / "comparison.md").read_text())
     return 0
 
 
@@ -84,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _command_run(args)
+        if args.command == "sweep":
+            return _command_sweep(args)
+        if args.command == "compare":
+            return _command_compare(args)
     except (ConfigError, FileNotFoundError, FileExistsError) as error:
         print(f"fl2ora: error: {error}", file=sys.stderr)
         return 2

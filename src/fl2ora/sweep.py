@@ -1,0 +1,127 @@
+"""Sweeps: the cross product of configuration values, one run directory per cell."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fl2ora.compare import read_run, write_comparison
+from fl2ora.config import ConfigError, config_from_dict
+from fl2ora.rundir import SUMMARY_FILE
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SweepCell:
+    """One point of the grid: its overrides and its run directory."""
+
+    overrides: dict[str, Any]
+    values: dict[str, Any]
+    """The base configuration with the overrides applied."""
+    path: Path
+
+
+def parse_grid(items: list[str]) -> dict[str, list[Any]]:
+    """Parse ``key=v1,v2`` items into value lists, each value read as YAML.
+
+    A value that contains a comma inside brackets (``lora.layers=[0,1],all``) is kept whole.
+
+    >>> parse_grid(["lora.rank=2,4", "method=fl2ora"])
+    {'lora.rank': [2, 4], 'method': ['fl2ora']}
+
+    Raises:
+        ConfigError: on an item without ``=``, an empty value list or a repeated key.
+    """
+    grid: dict[str, list[Any]] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key or not raw.strip():
+            raise ConfigError(f"Grid item {item!r} must have the form key=v1,v2, e.g. lora.rank=2,4.")
+        if key in grid:
+            raise ConfigError(f"Grid key {key!r} is given twice; list all its values in one item.")
+        # Split on commas that are not inside brackets.
+        values = [part for part in re.split(r",(?![^\[]*\])", raw) if part.strip()]
+        grid[key] = [yaml.safe_load(value) for value in values]
+    return grid
+
+
+def _cell_name(overrides: dict[str, Any]) -> str:
+    parts = [f"{key}={value}" for key, value in overrides.items()]
+    name = ",".join(parts) or "default"
+    return re.sub(r"[^A-Za-z0-9_.=,+-]", "_", name)
+
+
+def plan_sweep(base: dict[str, Any], grid: dict[str, list[Any]], output: Path) -> list[SweepCell]:
+    """List every cell of the grid, validating each cell's configuration before anything runs.
+
+    Raises:
+        ConfigError: naming the first cell whose configuration is invalid.
+    """
+    keys = list(grid)
+    cells = []
+    for combination in itertools.product(*(grid[key] for key in keys)):
+        overrides = dict(zip(keys, combination))
+        values = base
+        for key, value in overrides.items():
+            values = _set_dotted(values, key, value)
+        try:
+            config_from_dict(values)
+        except ConfigError as error:
+            raise ConfigError(f"Sweep cell {overrides} is invalid: {error}") from error
+        cells.append(SweepCell(overrides=overrides, values=values, path=output / _cell_name(overrides)))
+    return cells
+
+
+def run_sweep(base: dict[str, Any], grid: dict[str, list[Any]], output: str | Path) -> list[dict]:
+    """Run every cell not yet complete, then write the comparison table of all cells.
+
+    A cell whose folder holds ``summary.json`` is skipped. A cell that fails is
+    logged with its error and left out of the table; the others still run.
+
+    Returns:
+        The comparison rows.
+    """
+    from fl2ora.runner import run_experiment
+
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    cells = plan_sweep(base, grid, output)
+    logger.info("Sweep of %d cells into %s", len(cells), output)
+    failed = []
+    for index, cell in enumerate(cells, start=1):
+        if (cell.path / SUMMARY_FILE).is_file():
+            logger.info("Cell %d/%d %s is complete; skipping", index, len(cells), cell.overrides)
+            continue
+        logger.info("Cell %d/%d: %s", index, len(cells), cell.overrides)
+        try:
+            run_experiment(config_from_dict(cell.values), cell.path, overwrite=True)
+        except (RuntimeError, ValueError, FloatingPointError) as error:
+            logger.error("Cell %s failed: %s", cell.overrides, error)
+            failed.append((cell.overrides, str(error)))
+
+    records = [read_run(cell.path) for cell in cells if (cell.path / SUMMARY_FILE).is_file()]
+    keys = [key for key in grid if key != "seed"]
+    rows = write_comparison(records, output, keys=keys)
+    if failed:
+        logger.error("%d of %d cells failed: %s", len(failed), len(cells), failed)
+    return rows
+
+
+def _set_dotted(values: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
+    result = dict(values)
+    node = result
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = dict(node.get(part) or {})
+        node[part] = child
+        node = child
+    node[parts[-1]] = value
+    return result
