@@ -340,6 +340,59 @@ def _encoder_shares(flops: FlopCount) -> dict[str, float]:
     return shares
 
 
+def _measure_steps(
+    model: ZeroShotClassifier,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    device: torch.device,
+    precision: str,
+    warmup: int,
+    steps: int,
+    profile: bool,
+) -> dict[str, Any]:
+    """Count the FLOPs of a training and an evaluation step, then time both kinds of step."""
+    train_config = TrainConfig()
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(
+        parameters, lr=train_config.lr, momentum=train_config.momentum, weight_decay=train_config.weight_decay
+    )
+
+    def train_step() -> float:
+        return _train_step(model, optimizer, images, labels, device, precision)
+
+    def eval_step() -> torch.Tensor:
+        return _eval_step(model, images, device, precision)
+
+    def forward_backward() -> None:
+        with autocast_context(device, precision):
+            logits = model(images)
+        F.cross_entropy(logits.float(), labels).backward()
+
+    # Count FLOPs on untimed passes. The gradients left behind are cleared by the next step's zero_grad.
+    model.train()
+    train_flops = count_flops(forward_backward)
+    model.eval()
+    eval_flops = count_flops(eval_step)
+
+    model.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    train_times = _time_steps(train_step, warmup, steps, device)
+    peak_memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    profile_result = _profile_train_step(train_step, device, PROFILE_TOP_OPS) if profile else None
+
+    model.eval()
+    eval_times = _time_steps(eval_step, warmup, steps, device)
+    return {
+        "train_flops": train_flops,
+        "eval_flops": eval_flops,
+        "train_times": train_times,
+        "eval_times": eval_times,
+        "peak_memory": peak_memory,
+        "profile": profile_result,
+    }
+
+
 @dataclass
 class ModelResult:
     """Throughput of one model; times in seconds, FLOPs per batch."""
@@ -365,8 +418,9 @@ class ModelResult:
     """Forward and backward FLOPs of one training step."""
     eval_flops_per_step: int
     train_flops_by_operator: dict[str, int]
-    train_flop_share_by_encoder: dict[str, float]
     eval_flop_share_by_encoder: dict[str, float]
+    """Share of the evaluation FLOPs per encoder. FlopCounterMode attributes backward ops to modules
+    unreliably (the training shares sum to more than 1), so there is no training counterpart."""
     train_flops_per_second: float
     eval_flops_per_second: float
     matmul_flops_per_second: float
@@ -429,37 +483,13 @@ def measure_model(
     generator = torch.Generator().manual_seed(seed)
     images = torch.randn(batch_size, 3, image_size, image_size, generator=generator).to(device)
     labels = torch.randint(0, NUM_CLASSES, (batch_size,), generator=generator).to(device)
-    train = TrainConfig()
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(parameters, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
-    torch.manual_seed(seed)  # LoRA dropout draws from the global generator
 
-    def train_step() -> float:
-        return _train_step(model, optimizer, images, labels, device, precision)
-
-    def eval_step() -> torch.Tensor:
-        return _eval_step(model, images, device, precision)
-
-    def forward_backward() -> None:
-        with autocast_context(device, precision):
-            logits = model(images)
-        F.cross_entropy(logits.float(), labels).backward()
-
-    # Count FLOPs on an untimed pass. The gradients it leaves are cleared by the next step's zero_grad.
-    model.train()
-    train_flops = count_flops(forward_backward)
-    model.eval()
-    eval_flops = count_flops(eval_step)
-
-    model.train()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    train_times = _time_steps(train_step, warmup, steps, device)
-    peak_memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    profile_result = _profile_train_step(train_step, device, PROFILE_TOP_OPS) if profile else None
-
-    model.eval()
-    eval_times = _time_steps(eval_step, warmup, steps, device)
+    # Seed the LoRA dropout, which draws from the global generator, without changing the caller's state.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        measured = _measure_steps(model, images, labels, device, precision, warmup, steps, profile)
+    train_flops, eval_flops = measured["train_flops"], measured["eval_flops"]
+    train_times, eval_times = measured["train_times"], measured["eval_times"]
 
     # The median resists a step slowed down by another process on the machine.
     train_seconds = statistics.median(train_times)
@@ -471,7 +501,7 @@ def measure_model(
     if eval_text_share > 0:
         # ZeroShotClassifier caches text features only when no text parameter is trainable.
         notes.append(
-            f"Evaluation reruns the text encoder on every batch ({eval_text_share:.0%} of its FLOPs) "
+            f"Evaluation reruns the text encoder on every batch ({eval_text_share:.0%} of the evaluation FLOPs) "
             "because LoRA makes text parameters trainable."
         )
     return ModelResult(
@@ -493,15 +523,14 @@ def measure_model(
         train_flops_per_step=train_flops.total,
         eval_flops_per_step=eval_flops.total,
         train_flops_by_operator=train_flops.by_operator,
-        train_flop_share_by_encoder=_encoder_shares(train_flops),
         eval_flop_share_by_encoder=_encoder_shares(eval_flops),
         train_flops_per_second=train_rate,
         eval_flops_per_second=eval_rate,
         matmul_flops_per_second=matmul_flops_per_second,
         train_mfu=model_flops_utilisation(train_rate, matmul_flops_per_second),
         eval_mfu=model_flops_utilisation(eval_rate, matmul_flops_per_second),
-        peak_memory_bytes=peak_memory,
-        profile=profile_result,
+        peak_memory_bytes=measured["peak_memory"],
+        profile=measured["profile"],
         notes=notes,
     )
 
@@ -547,7 +576,13 @@ _COLUMNS = (
     ("matmul GFLOP/s", "matmul_flops_per_second", "{:.1f}"),
     ("MFU %", "train_mfu", "{:.1f}"),
 )
-_SCALES = {"train_flops_per_step": 1e-9, "train_flops_per_second": 1e-9, "matmul_flops_per_second": 1e-9, "train_mfu": 100}
+# Multipliers from the stored units (FLOPs, fractions) to the table's units (GFLOP, percent).
+_SCALES = {
+    "train_flops_per_step": 1e-9,
+    "train_flops_per_second": 1e-9,
+    "matmul_flops_per_second": 1e-9,
+    "train_mfu": 100,
+}
 
 
 def table_rows(results: Sequence[ModelResult]) -> tuple[list[str], list[list[str]]]:
@@ -572,10 +607,10 @@ def render_table(header: list[str], rows: list[list[str]], markdown: bool) -> li
             *("| " + " | ".join(row) + " |" for row in rows),
         ]
     widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
-    lines = [
-        "  ".join(cell.ljust(width) if i == 0 else cell.rjust(width) for i, (cell, width) in enumerate(zip(line, widths)))
-        for line in [header, *rows]
-    ]
+    lines = []
+    for line in [header, *rows]:
+        cells = [line[0].ljust(widths[0])] + [cell.rjust(width) for cell, width in zip(line[1:], widths[1:])]
+        lines.append("  ".join(cells))
     lines.insert(1, "  ".join("-" * width for width in widths))
     return lines
 
@@ -592,8 +627,7 @@ def format_report(report: dict[str, Any], results: Sequence[ModelResult], markdo
         f"Machine: {machine['cpu_model']} ({machine['cpu_capability']}), {machine['usable_cpus']} usable of "
         f"{machine['logical_cpus']} logical CPUs, {machine['torch_threads']} torch threads, torch {machine['torch']}"
         + (f", GPU {machine['gpu']}" if "gpu" in machine else "")
-        + f". Load average (1 min) {report['load_average_at_start']:.2f} at the start, "
-        f"{report['load_average_at_end']:.2f} at the end.",
+        + f". Load average (1 min) before the run {report['load_average_at_start']:.2f}.",
         "",
         f"Matmul reference: {matmul['dtype']} {code}torch.mm{code} on n x n matrices, GFLOP/s by n: "
         + ", ".join(f"{n}: {v['flops_per_second'] / 1e9:.1f}" for n, v in matmul["by_size"].items())
@@ -612,7 +646,13 @@ def format_report(report: dict[str, Any], results: Sequence[ModelResult], markdo
             profile = result.profile
             header = ["operator", "category", "calls", "self ms", "share"]
             rows = [
-                [f"{code}{op['op']}{code}", op["category"], str(op["calls"]), f"{op['self_ms']:.1f}", f"{op['share']:.1%}"]
+                [
+                    f"{code}{op['op']}{code}",
+                    op["category"],
+                    str(op["calls"]),
+                    f"{op['self_ms']:.1f}",
+                    f"{op['share']:.1%}",
+                ]
                 for op in profile["top_ops"]
             ]
             shares = profile["share_by_category"]
@@ -646,7 +686,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=sorted(ARCHITECTURES),
                         help="architectures to measure, random-initialised (default: %(default)s)")
-    parser.add_argument("--steps", type=_positive_int, default=3, help="timed steps per model and mode (default: 3)")
+    parser.add_argument("--steps", type=_positive_int, default=3,
+                        help="timed training steps, and as many timed evaluation steps, per model (default: 3)")
     parser.add_argument("--warmup", type=_non_negative_int, default=1, help="untimed steps before timing (default: 1)")
     parser.add_argument("--batch-size", type=_positive_int, default=32, help="images per step (default: 32)")
     parser.add_argument("--threads", type=_positive_int, default=None,
@@ -661,7 +702,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true",
                         help="profile one training step per model and report the slowest operators")
     parser.add_argument("--json", type=Path, default=None, help="write every figure to this JSON file")
-    parser.add_argument("--markdown", type=Path, default=None, help="write the table to this Markdown file")
+    parser.add_argument("--markdown", type=Path, default=None,
+                        help="write the report (machine, table, notes, profiles) to this Markdown file")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda was requested but torch.cuda.is_available() is False. Use --device cpu.")
@@ -676,6 +718,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    # NOTE: the CUDA path (bf16 reference, bf16 autocast, device-time profile) has not been run on a GPU yet.
     precision: Literal["fp32", "bf16"] = "bf16" if device.type == "cuda" else "fp32"
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     sizes = args.matmul_sizes or (CUDA_MATMUL_SIZES if device.type == "cuda" else CPU_MATMUL_SIZES)
@@ -710,7 +753,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "command": " ".join(["python", "benchmarks/throughput.py", *(sys.argv[1:] if argv is None else argv)]),
         "machine": machine,
         "load_average_at_start": load_at_start,
-        "load_average_at_end": _load_average(),
         "matmul": asdict(matmul),
         "data_loading": "excluded: random batches are created on the device before timing",
         "warning": RANDOM_INIT_WARNING,

@@ -19,7 +19,11 @@ from typing import Any, Literal
 
 import yaml
 
+from fl2ora.errors import ConfigError
+from fl2ora.losses import CalibrationLossConfig
+
 __all__ = [
+    "CalibrationLossConfig",
     "ConfigError",
     "DataConfig",
     "EvalConfig",
@@ -34,10 +38,6 @@ __all__ = [
     "config_to_dict",
     "load_config",
 ]
-
-
-class ConfigError(ValueError):
-    """A configuration value or key is invalid; the message says how to fix it."""
 
 
 @dataclass
@@ -167,10 +167,20 @@ class FederatedConfig:
     """Fraction of clients sampled each round, in (0, 1]."""
     all_clients_first_round: bool = False
     """Train every client in round 1, as the study's scripts do."""
-    aggregation: Literal["fedavg"] = "fedavg"
-    """Aggregation rule."""
+    aggregation: Literal["fedavg", "fedprox", "feddyn", "fednova"] = "fedavg"
+    """Aggregation rule: FedAvg weighted by training-set size; FedProx (FedAvg plus a
+    proximal term on the client); FedDyn (dynamic regularisation with per-client
+    state); FedNova (averaging normalised by each client's local steps)."""
+    mu: float = 0.01
+    """FedProx proximal weight: the client loss adds mu/2 ||w - w_global||^2."""
+    alpha: float = 0.01
+    """FedDyn regularisation weight."""
 
     def __post_init__(self) -> None:
+        if self.mu < 0:
+            raise ConfigError(f"federated.mu must be >= 0, got {self.mu!r}. Try 0.01.")
+        if not self.alpha > 0:
+            raise ConfigError(f"federated.alpha must be > 0, got {self.alpha!r}. Try 0.01.")
         if self.rounds < 1:
             raise ConfigError(f"federated.rounds must be >= 1, got {self.rounds!r}.")
         if not 0.0 < self.fraction <= 1.0:
@@ -237,6 +247,77 @@ class EvalConfig:
 
 
 @dataclass
+class PromptConfig:
+    """CoOp / PromptFL and KgCoOp: learnable context vectors before the class name."""
+
+    n_ctx: int = 16
+    """Number of context vectors M (ignored when ``init`` is a phrase: its token count is used)."""
+    class_specific: bool = False
+    """One context per class instead of one shared by all classes."""
+    init: str = "random"
+    """``random`` (normal, std 0.02) or a phrase such as ``a photo of a`` whose token
+    embeddings initialise the context."""
+    kgcoop_weight: float = 8.0
+    """KgCoOp's lambda: weight of the distance between learned and hand-written class
+    text features (method ``kgcoop`` only)."""
+
+    def __post_init__(self) -> None:
+        if self.n_ctx < 1:
+            raise ConfigError(f"prompt.n_ctx must be >= 1, got {self.n_ctx!r}. CoOp uses 16.")
+        if self.kgcoop_weight < 0:
+            raise ConfigError(f"prompt.kgcoop_weight must be >= 0, got {self.kgcoop_weight!r}. KgCoOp uses 8.")
+
+
+@dataclass
+class MapleConfig:
+    """MaPLe: coupled prompts in the first blocks of both encoders."""
+
+    n_ctx: int = 2
+    """Prompt tokens per block."""
+    depth: int = 9
+    """Number of blocks J that get prompts (1 = shallow prompts only)."""
+    init: str = "a photo of a"
+    """Phrase whose first ``n_ctx`` token embeddings initialise the first text prompt,
+    or ``random``."""
+
+    def __post_init__(self) -> None:
+        if self.n_ctx < 1:
+            raise ConfigError(f"maple.n_ctx must be >= 1, got {self.n_ctx!r}. MaPLe uses 2.")
+        if self.depth < 1:
+            raise ConfigError(f"maple.depth must be >= 1, got {self.depth!r}. MaPLe uses 9.")
+
+
+@dataclass
+class TuningConfig:
+    """Which encoder(s) LayerNorm tuning, BitFit and full fine-tuning train."""
+
+    encoder: Literal["vision", "text", "both"] = "both"
+    """Encoder(s) whose parameters train."""
+
+
+@dataclass
+class TemperatureConfig:
+    """Post-hoc temperature scaling after the last round, reported before and after."""
+
+    mode: Literal["none", "central", "federated", "per_client"] = "none"
+    """``central``: fitted on the pooled validation splits on the server; ``federated``:
+    each client sends only its local NLL and gradient; ``per_client``: fitted per client
+    and averaged by sample count; ``none``: skipped."""
+    validation_fraction: float = 0.1
+    """Share of each client's training split held out (seeded) as its validation split
+    when ``mode`` is not ``none``; those images are not trained on."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.validation_fraction < 1.0:
+            raise ConfigError(
+                f"temperature.validation_fraction must be in (0, 1), got {self.validation_fraction!r}. Try 0.1."
+            )
+
+
+METHODS = ("zeroshot", "fl2ora", "coop", "kgcoop", "maple", "layernorm", "bitfit", "full")
+
+
+@dataclass
 class RunConfig:
     """One federated run."""
 
@@ -244,18 +325,29 @@ class RunConfig:
     """Run name, used for the default output folder."""
     seed: int = 0
     """Seed of partitioning, client sampling, data order and dropout."""
-    method: Literal["fl2ora"] = "fl2ora"
-    """Fine-tuning method."""
+    method: Literal["zeroshot", "fl2ora", "coop", "kgcoop", "maple", "layernorm", "bitfit", "full"] = "fl2ora"
+    """Fine-tuning method: ``zeroshot`` (no training), ``fl2ora`` (LoRA, section ``lora``),
+    ``coop`` (PromptFL when federated) and ``kgcoop`` (section ``prompt``), ``maple``
+    (section ``maple``), ``layernorm``, ``bitfit`` and ``full`` (section ``tuning``)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    maple: MapleConfig = field(default_factory=MapleConfig)
+    tuning: TuningConfig = field(default_factory=TuningConfig)
+    loss: CalibrationLossConfig = field(default_factory=CalibrationLossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     federated: FederatedConfig = field(default_factory=FederatedConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    temperature: TemperatureConfig = field(default_factory=TemperatureConfig)
 
 
 def _type_name(annotation: Any) -> str:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(option) for option in typing.get_args(annotation))
+    if annotation is type(None):
+        return "null"
     return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
 
 

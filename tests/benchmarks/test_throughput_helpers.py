@@ -138,7 +138,6 @@ def test_report_names_random_init(tiny_result):
         "command": "python benchmarks/throughput.py --models tiny",
         "machine": throughput.describe_machine(torch.device("cpu")),
         "load_average_at_start": 0.0,
-        "load_average_at_end": 0.0,
         "matmul": {"dtype": "float32", "by_size": {64: {"flops_per_second": 50e9}}},
     }
     markdown = throughput.format_report(report, [tiny_result], markdown=True)

@@ -122,6 +122,7 @@ class ImageClassificationData:
         classnames: readable name of each class id, as written into prompts (e.g. ``"automobile"``).
         template: prompt with exactly one ``{}`` for the class name, e.g. ``"a photo of a {}."``.
         name: dataset name, e.g. ``"cifar10"``.
+        val: validation samples, or None when the dataset has no val split.
     """
 
     train: ImageSamples
@@ -129,6 +130,7 @@ class ImageClassificationData:
     classnames: list[str]
     template: str
     name: str
+    val: ImageSamples | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.template, str) or self.template.count("{}") != 1:
@@ -136,8 +138,8 @@ class ImageClassificationData:
                 f"template must contain exactly one '{{}}' for the class name, got {self.template!r}. "
                 f"Example: {DEFAULT_TEMPLATE!r}."
             )
-        for split, samples in (("train", self.train), ("test", self.test)):
-            if len(samples) and samples.labels.max() >= len(self.classnames):
+        for split, samples in (("train", self.train), ("test", self.test), ("val", self.val)):
+            if samples is not None and len(samples) and samples.labels.max() >= len(self.classnames):
                 raise ValueError(
                     f"{split} labels go up to {samples.labels.max()} but only {len(self.classnames)} class "
                     "names were given. Pass one name per class id."
@@ -157,14 +159,14 @@ class ImageClassificationData:
     ) -> ImageClassificationData:
         """Return a copy keeping at most the given number of samples per class in each split.
 
-        See :func:`subsample_per_class`. None keeps a split whole.
+        See :func:`subsample_per_class`. None keeps a split whole. The val split is kept whole.
         """
         train, test = self.train, self.test
         if max_train_per_class is not None:
             train = train.subset(subsample_per_class(train.labels, max_train_per_class, seed))
         if max_test_per_class is not None:
             test = test.subset(subsample_per_class(test.labels, max_test_per_class, seed))
-        return ImageClassificationData(train, test, list(self.classnames), self.template, self.name)
+        return ImageClassificationData(train, test, list(self.classnames), self.template, self.name, self.val)
 
 
 def subsample_per_class(labels: np.ndarray | Sequence[int], max_per_class: int, seed: int = 0) -> np.ndarray:

@@ -5,15 +5,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from fl2ora.config import TrainConfig
+from fl2ora.losses import CalibrationLossConfig, training_loss
 from fl2ora.model.trainable import StateDict, load_trainable_state_dict, trainable_state_dict
 
 logger = logging.getLogger(__name__)
@@ -34,6 +34,9 @@ class ClientUpdate:
     """Optimizer steps taken."""
     train_loss: float
     """Mean training loss over the steps."""
+    finite: bool = True
+    """False when a loss became NaN or infinite; training stopped there and the
+    runtime drops this update for the round."""
 
 
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -52,12 +55,16 @@ def client_update(
     seed: int,
     device: torch.device,
     precision: str = "fp32",
+    loss_config: CalibrationLossConfig | None = None,
+    penalty: Callable[[Mapping[str, torch.Tensor]], torch.Tensor] | None = None,
 ) -> ClientUpdate:
     """Train the global trainable state on one client's data.
 
     The global state is loaded first, so every client of a round starts from the
     same model, and the SGD momentum buffer starts at zero for every update.
-    Data order and dropout depend only on ``seed``.
+    Data order and dropout depend only on ``seed``. The loss is cross-entropy plus
+    the configured calibration term, the method's own regulariser (KgCoOp) and the
+    aggregation rule's ``penalty`` on the trainable parameters (FedProx, FedDyn).
 
     Raises:
         ValueError: when the client has no training samples.
@@ -66,14 +73,16 @@ def client_update(
         raise ValueError(f"Client {client_id} has no training samples; re-partition with fewer clients.")
     load_trainable_state_dict(model, global_state)
     model.train()
-    parameters = [p for p in model.parameters() if p.requires_grad]
+    named = {name: p for name, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.SGD(
-        parameters, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        list(named.values()), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
     )
+    loss_config = loss_config or CalibrationLossConfig()
+    regularizer = getattr(model, "regularization_loss", None)
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=generator)
 
-    total_loss, steps = 0.0, 0
+    total_loss, steps, finite = 0.0, 0, True
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)  # LoRA dropout draws from the global generator
         for _ in range(config.local_epochs):
@@ -81,21 +90,35 @@ def client_update(
                 images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
                 with autocast_context(device, precision):
                     logits = model(images)
-                loss = F.cross_entropy(logits.float(), labels)
+                loss = training_loss(logits.float(), labels, loss_config)
+                extra = regularizer() if callable(regularizer) else None
+                if extra is not None:
+                    loss = loss + extra
+                if penalty is not None:
+                    loss = loss + penalty(named)
+
+                value = loss.item()
+                if not math.isfinite(value):
+                    logger.warning(
+                        "Client %d: training loss became %s at step %d; its update is dropped this round",
+                        client_id, value, steps + 1,
+                    )
+                    finite = False
+                    break
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                total_loss += loss.item()
+                total_loss += value
                 steps += 1
+            if not finite:
+                break
 
     model.eval()
-    mean_loss = total_loss / max(steps, 1)
-    if not math.isfinite(mean_loss):
-        logger.warning("Client %d: non-finite training loss %s", client_id, mean_loss)
     return ClientUpdate(
         client_id=client_id,
         state=trainable_state_dict(model),
         num_examples=len(dataset),
         num_steps=steps,
-        train_loss=mean_loss,
+        train_loss=total_loss / max(steps, 1) if finite else math.nan,
+        finite=finite,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -14,7 +15,7 @@ from fl2ora.config import config_to_dict
 from fl2ora.evaluation.evaluate import evaluate_clients, last_rounds_statistics, predict_probabilities
 from fl2ora.evaluation.reliability import plot_reliability_diagram
 from fl2ora.experiment import Experiment
-from fl2ora.federated.aggregation import fedavg
+from fl2ora.federated.algorithm import FederatedAlgorithm
 from fl2ora.federated.client import client_update
 from fl2ora.federated.sampling import client_seed, sample_clients
 from fl2ora.model.trainable import load_trainable_state_dict, save_adapter, state_nbytes, trainable_state_dict
@@ -37,86 +38,157 @@ def _evaluate(experiment: Experiment, global_state: dict) -> tuple[dict, np.ndar
     return scores, probs
 
 
-def run_simulation(experiment: Experiment, run_dir: RunDirectory) -> dict[str, Any]:
-    """Run every round of FedAvg in this process and write the run directory.
+@dataclass
+class SimulationState:
+    """Everything that changes from round to round; enough to continue a run."""
 
-    Each round samples clients, trains each from the current global state, averages
-    their states weighted by training-set size, and on evaluation rounds loads the
-    new global state before scoring every client's local test split.
+    round: int
+    """Last completed round (0 before the first)."""
+    global_state: dict
+    server_state: Any
+    client_states: dict[int, Any]
+    """Per-client state of the aggregation rule (FedDyn), for clients trained so far."""
+    history: list[dict] = field(default_factory=list)
+    """Records of the evaluated rounds."""
+    bytes_per_round: list[dict[str, int]] = field(default_factory=list)
+
+
+def make_algorithm(experiment: Experiment) -> FederatedAlgorithm:
+    """Return the aggregation rule configured for ``experiment``."""
+    config = experiment.config
+    return FederatedAlgorithm(
+        name=config.federated.aggregation,
+        num_clients=experiment.num_clients,
+        momentum=config.train.momentum,
+        mu=config.federated.mu,
+        alpha=config.federated.alpha,
+    )
+
+
+def run_round(experiment: Experiment, algorithm: FederatedAlgorithm, state: SimulationState) -> dict[str, Any]:
+    """Train the sampled clients of the next round and aggregate their updates into ``state``.
+
+    Updates whose loss became non-finite are dropped; when no valid update is left,
+    the global state stays as it was and the record says so.
+
+    Returns:
+        The round's record (clients, loss, traffic, timings).
+    """
+    config = experiment.config
+    round_index = state.round + 1
+    round_start = time.perf_counter()
+    sampled = sample_clients(
+        experiment.num_clients,
+        config.federated.fraction,
+        round_index,
+        config.seed,
+        config.federated.all_clients_first_round,
+    )
+    logger.info("Round %d: training clients %s", round_index, sampled)
+
+    # Local training: each client starts from the same global state.
+    updates = []
+    for client_id in tqdm(sampled, desc=f"round {round_index} clients", unit="client", leave=False, disable=None):
+        client_state = state.client_states.get(client_id)
+        if client_state is None:
+            client_state = algorithm.init_client_state(state.global_state)
+        update = client_update(
+            experiment.model,
+            state.global_state,
+            experiment.client_train[client_id],
+            config.train,
+            client_id=client_id,
+            seed=client_seed(config.seed, round_index, client_id),
+            device=experiment.device,
+            precision=config.model.precision,
+            loss_config=config.loss,
+            penalty=algorithm.client_penalty(state.global_state, client_state, experiment.device),
+        )
+        if update.finite:
+            updates.append(update)
+            new_client_state = algorithm.update_client_state(client_state, update, state.global_state)
+            if new_client_state is not None:
+                state.client_states[client_id] = new_client_state
+    train_seconds = time.perf_counter() - round_start
+
+    # Aggregation over the valid updates.
+    aggregate_start = time.perf_counter()
+    dropped = sorted(set(sampled) - {u.client_id for u in updates})
+    if updates:
+        state.global_state, state.server_state = algorithm.aggregate(state.global_state, updates, state.server_state)
+    else:
+        logger.warning("Round %d: no valid client update; the global model is unchanged", round_index)
+    aggregate_seconds = time.perf_counter() - aggregate_start
+    traffic = {
+        "down": state_nbytes(state.global_state) * len(sampled),
+        "up": sum(state_nbytes(u.state) for u in updates),
+    }
+    state.bytes_per_round.append(traffic)
+    state.round = round_index
+    return {
+        "round": round_index,
+        "clients_trained": sampled,
+        "clients_dropped": dropped,
+        "train_loss": float(np.mean([u.train_loss for u in updates])) if updates else None,
+        "bytes": traffic,
+        "seconds_train": train_seconds,
+        "seconds_aggregate": aggregate_seconds,
+    }
+
+
+def _log_scores(round_index: int, mean: dict[str, float]) -> None:
+    logger.info(
+        "Round %d: client-mean accuracy %.2f%%, ECE %.2f%%, MCE %.2f%%, ACE %.2f%%",
+        round_index, 100 * mean["accuracy"], 100 * mean["ece"], 100 * mean["mce"], 100 * mean["ace"],
+    )
+
+
+def run_simulation(experiment: Experiment, run_dir: RunDirectory) -> dict[str, Any]:
+    """Run every round in this process and write the run directory.
+
+    Each round samples clients, trains each from the current global state, combines
+    their states with the configured aggregation rule, and on evaluation rounds
+    loads the new global state before scoring every client's local test split. A
+    method without trainable parameters (zero-shot CLIP) is evaluated once, as round 0.
 
     Returns:
         The summary written to ``summary.json``.
     """
     config = experiment.config
     started = time.perf_counter()
-    model = experiment.model
-    global_state = trainable_state_dict(model)
-    history: list[dict] = []
-    bytes_per_round: list[dict[str, int]] = []
+    algorithm = make_algorithm(experiment)
+    global_state = trainable_state_dict(experiment.model)
+    state = SimulationState(
+        round=0, global_state=global_state, server_state=algorithm.init_server_state(global_state), client_states={}
+    )
     probs = None
+    total_rounds = config.federated.rounds if global_state else 0
+    if not global_state:
+        logger.warning("Method %s has no trainable parameters: evaluating once, without training", config.method)
+        scores, probs = _evaluate(experiment, global_state)
+        record = {"round": 0, "clients_trained": [], **scores}
+        _log_scores(0, scores["mean"])
+        state.history.append(record)
+        run_dir.append_metrics(record)
 
-    rounds = tqdm(range(1, config.federated.rounds + 1), desc="rounds", unit="round", disable=None)
+    rounds = tqdm(range(1, total_rounds + 1), desc="rounds", unit="round", disable=None)
     for round_index in rounds:
         round_start = time.perf_counter()
-        sampled = sample_clients(
-            experiment.num_clients,
-            config.federated.fraction,
-            round_index,
-            config.seed,
-            config.federated.all_clients_first_round,
-        )
-        logger.info("Round %d: training clients %s", round_index, sampled)
-
-        # Local training: each client starts from the same global state.
-        updates = []
-        for client_id in tqdm(sampled, desc=f"round {round_index} clients", unit="client", leave=False, disable=None):
-            updates.append(
-                client_update(
-                    model,
-                    global_state,
-                    experiment.client_train[client_id],
-                    config.train,
-                    client_id=client_id,
-                    seed=client_seed(config.seed, round_index, client_id),
-                    device=experiment.device,
-                    precision=config.model.precision,
-                )
-            )
-        train_seconds = time.perf_counter() - round_start
-
-        # Aggregation: FedAvg over the sampled clients, weighted by training-set size.
-        aggregate_start = time.perf_counter()
-        global_state = fedavg([u.state for u in updates], [u.num_examples for u in updates])
-        aggregate_seconds = time.perf_counter() - aggregate_start
-        traffic = {
-            "down": state_nbytes(global_state) * len(sampled),
-            "up": sum(state_nbytes(u.state) for u in updates),
-        }
-        bytes_per_round.append(traffic)
-
-        record: dict[str, Any] = {
-            "round": round_index,
-            "clients_trained": sampled,
-            "train_loss": float(np.mean([u.train_loss for u in updates])),
-            "bytes": traffic,
-        }
-        is_last = round_index == config.federated.rounds
-        if round_index % config.eval.every == 0 or is_last:
+        record = run_round(experiment, algorithm, state)
+        if round_index % config.eval.every == 0 or round_index == total_rounds:
             eval_start = time.perf_counter()
-            scores, probs = _evaluate(experiment, global_state)
+            scores, probs = _evaluate(experiment, state.global_state)
             record.update(scores)
             record["seconds_eval"] = time.perf_counter() - eval_start
-            history.append(record)
-            mean = scores["mean"]
-            logger.info(
-                "Round %d: client-mean accuracy %.2f%%, ECE %.2f%%, MCE %.2f%%, ACE %.2f%%",
-                round_index, 100 * mean["accuracy"], 100 * mean["ece"], 100 * mean["mce"], 100 * mean["ace"],
-            )
-            rounds.set_postfix(acc=f"{100 * mean['accuracy']:.1f}%", ece=f"{100 * mean['ece']:.1f}%")
-        record["seconds_train"] = train_seconds
-        record["seconds_aggregate"] = aggregate_seconds
+            state.history.append(record)
+            _log_scores(round_index, scores["mean"])
+            rounds.set_postfix(acc=f"{100 * scores['mean']['accuracy']:.1f}%", ece=f"{100 * scores['mean']['ece']:.1f}%")
         record["seconds_round"] = time.perf_counter() - round_start
         run_dir.append_metrics(record)
+
+    global_state = state.global_state
+    history = state.history
+    bytes_per_round = state.bytes_per_round
 
     # Final outputs: adapter, per-sample predictions, reliability diagram, summary.
     final = history[-1]
@@ -140,12 +212,14 @@ def run_simulation(experiment: Experiment, run_dir: RunDirectory) -> dict[str, A
     summary = {
         "name": config.name,
         "method": config.method,
+        "aggregation": config.federated.aggregation,
+        "loss": config.loss.name,
         "runtime": "simulation",
         "backbone": experiment.backbone.description,
         "random_init": experiment.backbone.random_init,
         "calibration_definition": config.eval.calibration,
         "num_clients": experiment.num_clients,
-        "rounds": config.federated.rounds,
+        "rounds": total_rounds,
         "final": {"round": final["round"], "mean": final["mean"], "pooled": final["pooled"]},
         "last_rounds": last_rounds_statistics(history, config.eval.last_rounds),
         "trainable_parameters": experiment.trainable_parameters,
