@@ -44,6 +44,11 @@ class Experiment:
     class_counts: dict
     """Per-client train and test class counts, saved with the run."""
     trainable_parameters: int
+    val_dataset: Dataset | None = None
+    """Every client's validation split (held out of its training split for temperature
+    scaling), concatenated in client order, with the evaluation transform; None when unused."""
+    val_labels: np.ndarray | None = None
+    client_val_rows: list[np.ndarray] | None = None
 
     @property
     def num_clients(self) -> int:
@@ -63,6 +68,31 @@ def _subsample(labels: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
     if limit is None:
         return np.arange(len(labels))
     return np.sort(subsample_per_class(labels, limit, seed))
+
+
+def hold_out_validation(
+    client_rows: list[np.ndarray], fraction: float, seed: int
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Split each client's training rows into training and validation rows (seeded).
+
+    Each client keeps ``round(fraction * n)`` rows for validation, at least one, and
+    at least one for training.
+
+    Raises:
+        ConfigError: when a client has fewer than two training samples.
+    """
+    train, val = [], []
+    for client_id, rows in enumerate(client_rows):
+        if len(rows) < 2:
+            raise ConfigError(
+                f"Client {client_id} has {len(rows)} training sample(s), too few to hold out a validation split. "
+                "Raise partition.min_samples or set temperature.mode=none."
+            )
+        count = min(max(1, int(round(fraction * len(rows)))), len(rows) - 1)
+        shuffled = np.random.default_rng([seed, client_id, 11]).permutation(rows)
+        val.append(np.sort(shuffled[:count]))
+        train.append(np.sort(shuffled[count:]))
+    return train, val
 
 
 def build_experiment(config: RunConfig) -> Experiment:
@@ -106,7 +136,18 @@ def build_experiment(config: RunConfig) -> Experiment:
     train_transform = clip_transforms(backbone.image_size, train=True, augment=config.data.augment)
     eval_transform = clip_transforms(backbone.image_size, train=False)
     train_set = data.train.with_transform(train_transform)
-    client_train = [train_set.subset(train_pool[rows]) for rows in split.train_indices]
+    client_train_rows = list(split.train_indices)
+    val_dataset = val_labels = client_val_rows = None
+    if config.temperature.mode != "none":
+        client_train_rows, client_val_indices = hold_out_validation(
+            client_train_rows, config.temperature.validation_fraction, config.seed
+        )
+        val_indices = np.concatenate([train_pool[rows] for rows in client_val_indices])
+        val_offsets = np.cumsum([0] + [len(rows) for rows in client_val_indices])
+        client_val_rows = [np.arange(val_offsets[k], val_offsets[k + 1]) for k in range(clients)]
+        val_dataset = data.train.with_transform(eval_transform).subset(val_indices)
+        val_labels = data.train.labels[val_indices]
+    client_train = [train_set.subset(train_pool[rows]) for rows in client_train_rows]
 
     eval_indices = np.concatenate([test_pool[rows] for rows in split.test_indices])
     offsets = np.cumsum([0] + [len(rows) for rows in split.test_indices])
@@ -131,4 +172,7 @@ def build_experiment(config: RunConfig) -> Experiment:
         client_eval_rows=client_eval_rows,
         class_counts=counts,
         trainable_parameters=trainable,
+        val_dataset=val_dataset,
+        val_labels=val_labels,
+        client_val_rows=client_val_rows,
     )

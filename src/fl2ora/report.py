@@ -58,6 +58,11 @@ def format_results_table(summary: dict[str, Any]) -> str:
         row(f"round {final['round']}, pooled", final["pooled"]),
         row(f"last {len(last['rounds'])} rounds, client mean", last["mean"], last["std"]),
     ]
+    scaling = summary.get("temperature_scaling")
+    if scaling:
+        label = f"temperature-scaled (T={scaling['temperature']:.3f}, {scaling['mode']})"
+        rows.append(row(f"{label}, client mean", scaling["after"]["mean"]))
+        rows.append(row(f"{label}, pooled", scaling["after"]["pooled"]))
     widths = [max(len(line[i]) for line in [headers, *rows]) for i in range(len(headers))]
     rendered = [
         "  ".join(cell.rjust(width) if i else cell.ljust(width) for i, (cell, width) in enumerate(zip(line, widths)))
@@ -66,7 +71,8 @@ def format_results_table(summary: dict[str, Any]) -> str:
     rendered.insert(1, "  ".join("-" * width for width in widths))
 
     title = (
-        f"{summary['name']}: {summary['method']} on {summary['backbone']['name']}, "
+        f"{summary['name']}: {summary['method']} ({summary.get('loss', 'none')} loss, "
+        f"{summary.get('aggregation', 'fedavg')}) on {summary['backbone']['name']}, "
         f"{summary['num_clients']} clients, {summary['rounds']} rounds (metrics in %, NLL and Brier raw)"
     )
     notes = []

@@ -39,7 +39,9 @@ def calibrated_logits(
     return logits, labels
 
 
-def numpy_nll_per_sample(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> np.ndarray:
+def numpy_nll_per_sample(
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float
+) -> np.ndarray:
     """Return -log softmax(logits / T)[y] per sample, computed in numpy."""
     scaled = logits.numpy().astype(np.float64) / temperature
     row_max = scaled.max(axis=1, keepdims=True)
@@ -50,7 +52,7 @@ def numpy_nll_per_sample(logits: torch.Tensor, labels: torch.Tensor, temperature
 def split_with_label_skew(
     logits: torch.Tensor, labels: torch.Tensor, sizes: list[int], seed: int
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Split samples into clients of the given sizes, each preferring classes by a Dirichlet(0.3) draw."""
+    """Split samples into clients of the given sizes and Dirichlet(0.3) class preferences."""
     generator = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     n_classes = logits.shape[1]
@@ -81,9 +83,17 @@ def overconfident_data(true_data) -> tuple[torch.Tensor, torch.Tensor, float]:
 
 
 @pytest.fixture(scope="module")
+def small_overconfident_data(overconfident_data) -> tuple[torch.Tensor, torch.Tensor, float]:
+    logits, labels, _ = overconfident_data
+    logits, labels = logits[:4000], labels[:4000]
+    return logits, labels, fit_temperature(logits, labels)
+
+
+@pytest.fixture(scope="module")
 def skewed_clients() -> list[tuple[torch.Tensor, torch.Tensor]]:
     logits, labels = calibrated_logits(9_000, 10, seed=2)
-    return split_with_label_skew(OVERCONFIDENCE * logits, labels, sizes=[150, 850, 2500, 5500], seed=3)
+    sizes = [150, 850, 2500, 5500]
+    return split_with_label_skew(OVERCONFIDENCE * logits, labels, sizes=sizes, seed=3)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -121,7 +131,8 @@ def test_fit_keeps_accuracy_and_lowers_nll(overconfident_data):
     nll_before = negative_log_likelihood(probs_before, labels)
     nll_after = negative_log_likelihood(probs_after, labels)
     assert nll_after < nll_before
-    assert nll_after == pytest.approx(numpy_nll_per_sample(logits, labels, fitted).mean(), rel=1e-10)
+    expected_nll = numpy_nll_per_sample(logits, labels, fitted).mean()
+    assert nll_after == pytest.approx(expected_nll, rel=1e-10)
 
 
 def test_fit_lowers_ece_when_overconfident(overconfident_data):
@@ -135,8 +146,8 @@ def test_fit_lowers_ece_when_overconfident(overconfident_data):
     assert ece_after < ece_before
 
 
-def test_fit_accepts_log_probabilities(overconfident_data):
-    logits, labels, fitted = overconfident_data
+def test_fit_accepts_log_probabilities(small_overconfident_data):
+    logits, labels, fitted = small_overconfident_data
     row_shift = torch.linspace(-50.0, 50.0, logits.shape[0], dtype=torch.float64).unsqueeze(1)
 
     from_log_probs = fit_temperature(logits.softmax(dim=1).log(), labels)
@@ -146,14 +157,14 @@ def test_fit_accepts_log_probabilities(overconfident_data):
     assert from_shifted == pytest.approx(fitted, rel=1e-6)
 
 
-def test_fit_float32_logits_match_float64(overconfident_data):
-    logits, labels, fitted = overconfident_data
+def test_fit_float32_logits_match_float64(small_overconfident_data):
+    logits, labels, fitted = small_overconfident_data
 
     assert fit_temperature(logits.to(torch.float32), labels) == pytest.approx(fitted, rel=1e-5)
 
 
 def test_fit_separable_returns_lower_bound(caplog):
-    # Every prediction is correct with a margin of at least 1, so the NLL falls as T goes to 0.
+    # Every prediction is correct with a margin of at least 2, so the NLL falls as T goes to 0.
     logits = torch.tensor([[3.0, 0.0, 1.0], [0.0, 2.0, -1.0], [-1.0, 0.0, 4.0]])
     labels = logits.argmax(dim=1)
 
@@ -196,7 +207,11 @@ def test_apply_matches_numpy_softmax(temperature):
 
 @pytest.mark.parametrize(
     ("dtype", "expected_dtype"),
-    [(torch.float16, torch.float32), (torch.bfloat16, torch.float32), (torch.float32, torch.float32)],
+    [
+        (torch.float16, torch.float32),
+        (torch.bfloat16, torch.float32),
+        (torch.float32, torch.float32),
+    ],
 )
 def test_apply_low_precision_returns_float32(dtype, expected_dtype):
     logits, _ = calibrated_logits(50, 6, seed=5)
@@ -232,7 +247,9 @@ def test_federated_equals_pooled_fit(skewed_clients):
     pooled_logits = torch.cat([logits for logits, _ in skewed_clients])
     pooled_labels = torch.cat([labels for _, labels in skewed_clients])
     # The split must have skewed the clients' label distributions, or the test shows little.
-    histograms = torch.stack([torch.bincount(labels, minlength=10) / labels.numel() for _, labels in skewed_clients])
+    histograms = torch.stack(
+        [torch.bincount(labels, minlength=10) / labels.numel() for _, labels in skewed_clients]
+    )
     assert float((histograms.max(dim=0).values - histograms.min(dim=0).values).max()) > 0.3
 
     federated = fit_temperature_federated(skewed_clients)
@@ -266,8 +283,8 @@ def test_federated_rounds_query_every_client(skewed_clients, monkeypatch):
         assert len({temperature for _, temperature in round_calls}) == 1
 
 
-def test_federated_one_client_equals_central(overconfident_data):
-    logits, labels, fitted = overconfident_data
+def test_federated_one_client_equals_central(small_overconfident_data):
+    logits, labels, fitted = small_overconfident_data
 
     assert fit_temperature_federated([(logits, labels)]) == pytest.approx(fitted, abs=1e-6)
 
@@ -283,22 +300,42 @@ def test_federated_separable_returns_lower_bound(caplog):
     assert "smallest temperature" in caplog.text
 
 
-def test_per_client_average_weights_by_count(skewed_clients):
-    individual = [fit_temperature(logits, labels) for logits, labels in skewed_clients]
+@pytest.mark.parametrize("federated", [False, True])
+def test_fit_warns_when_max_iter_reached(small_overconfident_data, caplog, federated):
+    logits, labels, _ = small_overconfident_data
+
+    with caplog.at_level(logging.WARNING, logger=temperature_module.__name__):
+        if federated:
+            fit_temperature_federated([(logits, labels)], max_iter=1)
+        else:
+            fit_temperature(logits, labels, max_iter=1)
+
+    assert "Raise max_iter" in caplog.text
+
+
+@pytest.fixture(scope="module")
+def individual_fits(skewed_clients) -> list[float]:
+    return [fit_temperature(logits, labels) for logits, labels in skewed_clients]
+
+
+def test_per_client_average_weights_by_count(skewed_clients, individual_fits):
+    individual = individual_fits
     counts = [labels.numel() for _, labels in skewed_clients]
 
     averaged = fit_temperature_per_client_average(skewed_clients)
 
     assert averaged == pytest.approx(np.average(individual, weights=counts), rel=1e-12)
-    # Individual fits on label-skewed clients differ, so the average differs from a plain mean.
+    # Individual fits on label-skewed clients differ, so the weights change the average.
     assert max(individual) - min(individual) > 1e-3
 
 
-def test_per_client_average_explicit_weights(skewed_clients):
-    individual = [fit_temperature(logits, labels) for logits, labels in skewed_clients]
+def test_per_client_average_explicit_weights(skewed_clients, individual_fits):
+    individual = individual_fits
 
     equal = fit_temperature_per_client_average(skewed_clients, weights=[1.0, 1.0, 1.0, 1.0])
-    first_only = fit_temperature_per_client_average(skewed_clients, weights=torch.tensor([2.0, 0.0, 0.0, 0.0]))
+    first_only = fit_temperature_per_client_average(
+        skewed_clients, weights=torch.tensor([2.0, 0.0, 0.0, 0.0])
+    )
 
     assert equal == pytest.approx(float(np.mean(individual)), rel=1e-12)
     assert first_only == pytest.approx(individual[0], rel=1e-12)
@@ -311,60 +348,140 @@ def test_per_client_average_explicit_weights(skewed_clients):
 GOOD_LOGITS = torch.tensor([[1.0, 0.0, -1.0], [0.0, 2.0, 0.5]])
 GOOD_LABELS = torch.tensor([0, 2])
 GOOD_CLIENTS = [(GOOD_LOGITS, GOOD_LABELS), (GOOD_LOGITS[:1], GOOD_LABELS[:1])]
+LONG = torch.long
 
 
 @pytest.mark.parametrize(
     ("function", "kwargs", "error", "match"),
     [
         # logits are class indices
-        (fit_temperature, {"logits": torch.tensor([[1, 0], [0, 1]]), "labels": GOOD_LABELS}, ValueError, "floating dtype"),
+        (
+            fit_temperature,
+            {"logits": torch.tensor([[1, 0], [0, 1]]), "labels": GOOD_LABELS},
+            ValueError,
+            "floating dtype",
+        ),
         # logits are 1-D
         (fit_temperature, {"logits": torch.zeros(3), "labels": torch.tensor([0, 1, 0])}, ValueError, "2-D"),
         # no samples
-        (fit_temperature, {"logits": torch.zeros(0, 3), "labels": torch.zeros(0, dtype=torch.long)}, ValueError, "N >= 1"),
+        (
+            fit_temperature,
+            {"logits": torch.zeros(0, 3), "labels": torch.zeros(0, dtype=LONG)},
+            ValueError,
+            "N >= 1",
+        ),
         # one class
-        (fit_temperature, {"logits": torch.zeros(4, 1), "labels": torch.zeros(4, dtype=torch.long)}, ValueError, "C >= 2"),
+        (
+            fit_temperature,
+            {"logits": torch.zeros(4, 1), "labels": torch.zeros(4, dtype=LONG)},
+            ValueError,
+            "C >= 2",
+        ),
         # -inf from the log of a zero probability
-        (fit_temperature, {"logits": torch.tensor([[0.0, -math.inf], [0.0, 0.0]]), "labels": torch.tensor([0, 1])}, ValueError, "clamp_min"),
+        (
+            fit_temperature,
+            {"logits": torch.tensor([[0.0, -math.inf], [0.0, 0.0]]), "labels": torch.tensor([0, 1])},
+            ValueError,
+            "clamp_min",
+        ),
         # NaN logit
-        (fit_temperature, {"logits": torch.tensor([[0.0, math.nan]]), "labels": torch.tensor([0])}, ValueError, "finite"),
+        (
+            fit_temperature,
+            {"logits": torch.tensor([[0.0, math.nan]]), "labels": torch.tensor([0])},
+            ValueError,
+            "finite",
+        ),
         # labels of the wrong length
-        (fit_temperature, {"logits": GOOD_LOGITS, "labels": torch.tensor([0])}, ValueError, "one entry per sample"),
+        (
+            fit_temperature,
+            {"logits": GOOD_LOGITS, "labels": torch.tensor([0])},
+            ValueError,
+            "one entry per sample",
+        ),
         # label outside [0, C)
         (fit_temperature, {"logits": GOOD_LOGITS, "labels": torch.tensor([0, 3])}, ValueError, r"\[0, 2\]"),
         # float labels
-        (fit_temperature, {"logits": GOOD_LOGITS, "labels": torch.tensor([0.0, 1.0])}, ValueError, "integer dtype"),
+        (
+            fit_temperature,
+            {"logits": GOOD_LOGITS, "labels": torch.tensor([0.0, 1.0])},
+            ValueError,
+            "integer dtype",
+        ),
         # logits not a tensor
         (fit_temperature, {"logits": [[1.0, 0.0]], "labels": torch.tensor([0])}, TypeError, "torch.Tensor"),
-        # max_iter zero
+        # max_iter zero, tol negative
         (fit_temperature, {"logits": GOOD_LOGITS, "labels": GOOD_LABELS, "max_iter": 0}, ValueError, "max_iter"),
-        # tol negative
         (fit_temperature, {"logits": GOOD_LOGITS, "labels": GOOD_LABELS, "tol": -1e-8}, ValueError, "tol"),
         # temperature zero, negative, infinite, NaN, not a number
-        (apply_temperature, {"logits": GOOD_LOGITS, "temperature": 0.0}, ValueError, "temperature must be finite and > 0, got 0.0"),
+        (apply_temperature, {"logits": GOOD_LOGITS, "temperature": 0.0}, ValueError, "> 0, got 0.0"),
         (apply_temperature, {"logits": GOOD_LOGITS, "temperature": -2.0}, ValueError, "got -2.0"),
         (apply_temperature, {"logits": GOOD_LOGITS, "temperature": math.inf}, ValueError, "got inf"),
-        (local_nll_and_gradient, {"logits": GOOD_LOGITS, "labels": GOOD_LABELS, "temperature": math.nan}, ValueError, "got nan"),
+        (
+            local_nll_and_gradient,
+            {"logits": GOOD_LOGITS, "labels": GOOD_LABELS, "temperature": math.nan},
+            ValueError,
+            "got nan",
+        ),
         (apply_temperature, {"logits": GOOD_LOGITS, "temperature": "2"}, TypeError, "real number"),
         # apply_temperature with 3-D logits
         (apply_temperature, {"logits": torch.zeros(2, 3, 4), "temperature": 1.0}, ValueError, "2-D"),
-        # local values with mismatched labels
-        (local_nll_and_gradient, {"logits": GOOD_LOGITS, "labels": torch.tensor([0, 1, 2]), "temperature": 1.0}, ValueError, "one entry per sample"),
+        # local values with labels of the wrong length
+        (
+            local_nll_and_gradient,
+            {"logits": GOOD_LOGITS, "labels": torch.tensor([0, 1, 2]), "temperature": 1.0},
+            ValueError,
+            "one entry per sample",
+        ),
         # no clients
         (fit_temperature_federated, {"client_data": []}, ValueError, "empty"),
         # a client given as a bare tensor
-        (fit_temperature_federated, {"client_data": [GOOD_LOGITS]}, ValueError, r"client_data\[0\] must be a \(logits, labels\) pair"),
+        (
+            fit_temperature_federated,
+            {"client_data": [GOOD_LOGITS]},
+            ValueError,
+            r"client_data\[0\] must be a \(logits, labels\) pair",
+        ),
         # clients with different numbers of classes
-        (fit_temperature_federated, {"client_data": [(GOOD_LOGITS, GOOD_LABELS), (torch.zeros(1, 2), torch.tensor([0]))]}, ValueError, "same C classes"),
-        # a client with a bad label is named
-        (fit_temperature_federated, {"client_data": [(GOOD_LOGITS, GOOD_LABELS), (GOOD_LOGITS, torch.tensor([0, 5]))]}, ValueError, r"client_data\[1\] labels"),
+        (
+            fit_temperature_federated,
+            {"client_data": [(GOOD_LOGITS, GOOD_LABELS), (torch.zeros(1, 2), torch.tensor([0]))]},
+            ValueError,
+            "same C classes",
+        ),
+        # the client with a bad label is named
+        (
+            fit_temperature_federated,
+            {"client_data": [(GOOD_LOGITS, GOOD_LABELS), (GOOD_LOGITS, torch.tensor([0, 5]))]},
+            ValueError,
+            r"client_data\[1\] labels",
+        ),
         # federated max_iter not an int
         (fit_temperature_federated, {"client_data": GOOD_CLIENTS, "max_iter": 2.5}, ValueError, "max_iter"),
-        # weights of the wrong length, negative, or summing to 0
-        (fit_temperature_per_client_average, {"client_data": GOOD_CLIENTS, "weights": [1.0]}, ValueError, "one entry per client"),
-        (fit_temperature_per_client_average, {"client_data": GOOD_CLIENTS, "weights": [1.0, -1.0]}, ValueError, "non-negative"),
-        (fit_temperature_per_client_average, {"client_data": GOOD_CLIENTS, "weights": [0.0, 0.0]}, ValueError, "positive sum"),
-        (fit_temperature_per_client_average, {"client_data": GOOD_CLIENTS, "weights": [1.0, math.nan]}, ValueError, "finite"),
+        # weights of the wrong length, negative, summing to 0, or NaN
+        (
+            fit_temperature_per_client_average,
+            {"client_data": GOOD_CLIENTS, "weights": [1.0]},
+            ValueError,
+            "one entry per client",
+        ),
+        (
+            fit_temperature_per_client_average,
+            {"client_data": GOOD_CLIENTS, "weights": [1.0, -1.0]},
+            ValueError,
+            "non-negative",
+        ),
+        (
+            fit_temperature_per_client_average,
+            {"client_data": GOOD_CLIENTS, "weights": [0.0, 0.0]},
+            ValueError,
+            "positive sum",
+        ),
+        (
+            fit_temperature_per_client_average,
+            {"client_data": GOOD_CLIENTS, "weights": [1.0, math.nan]},
+            ValueError,
+            "finite",
+        ),
     ],
 )
 def test_invalid_inputs_raise(function, kwargs, error, match):

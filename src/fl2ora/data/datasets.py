@@ -478,6 +478,8 @@ def _load_image_folder_entry(
     return load_image_folder(root, cache_dir=cache_dir)
 
 
+# fl2ora.data.catalog adds cifar100, caltech101, oxford_pets, flowers102, dtd and food101 when it is
+# imported, which ``import fl2ora.data`` does. Its loaders import this module, so they cannot be listed here.
 DATASET_LOADERS: dict[str, Callable[..., ImageClassificationData]] = {
     "cifar10": load_cifar10,
     "image_folder": _load_image_folder_entry,
@@ -490,9 +492,10 @@ def load_dataset(
     """Load a dataset by its registered name.
 
     Args:
-        name: one of ``"cifar10"`` and ``"image_folder"`` (see :data:`DATASET_LOADERS`).
+        name: a key of :data:`DATASET_LOADERS`: ``"cifar10"``, ``"image_folder"`` or a dataset that
+            :mod:`fl2ora.data.catalog` registers, such as ``"cifar100"`` or ``"caltech101"``.
         root: dataset folder or archive path.
-        download: whether the loader may download missing data (only ``"cifar10"`` can).
+        download: whether the loader may download missing data (only ``"cifar10"`` and ``"cifar100"`` can).
         cache_dir: where archives are unpacked; defaults to ``$FL2ORA_CACHE`` or ``~/.cache/fl2ora``.
 
     Returns:

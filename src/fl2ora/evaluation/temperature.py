@@ -58,7 +58,9 @@ _LOG_T_BOUNDS = (math.log(MIN_TEMPERATURE), math.log(MAX_TEMPERATURE))
 
 def _check_logits(logits: Tensor, name: str = "logits") -> None:
     if not isinstance(logits, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape (N, C), got {type(logits).__name__}.")
+        raise TypeError(
+            f"{name} must be a torch.Tensor of shape (N, C), got {type(logits).__name__}."
+        )
     if not logits.is_floating_point():
         raise ValueError(
             f"{name} must have a floating dtype, got {logits.dtype}. Pass logits or "
@@ -146,7 +148,9 @@ def _check_client_data(client_data: Sequence[tuple[Tensor, Tensor]]) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _summed_nll_and_gradient(logits64: Tensor, labels: Tensor, log_temperature: float) -> tuple[float, float]:
+def _summed_nll_and_gradient(
+    logits64: Tensor, labels: Tensor, log_temperature: float
+) -> tuple[float, float]:
     """Return the summed NLL at ``T = exp(log_temperature)`` and its derivative in ``log T``.
 
     With ``u = z / T`` the per-sample NLL is ``logsumexp(u) - u_y``, and since ``du/ds = -u`` its
@@ -213,7 +217,7 @@ def apply_temperature(logits: Tensor, temperature: float) -> Tensor:
 
     Raises:
         ValueError: if ``temperature`` is not finite and positive, or ``logits`` is not a finite
-            ``(N, C)`` float tensor.
+            ``(N, C)`` float tensor with ``N >= 1`` and ``C >= 2``.
 
     Example:
         Logits ``(ln 3, 0)`` give probabilities ``(3/4, 1/4)`` at ``T = 1``. At ``T = 2`` they give
@@ -230,7 +234,9 @@ def apply_temperature(logits: Tensor, temperature: float) -> Tensor:
     return probs.to(out_dtype)
 
 
-def local_nll_and_gradient(logits: Tensor, labels: Tensor, temperature: float) -> tuple[float, float, int]:
+def local_nll_and_gradient(
+    logits: Tensor, labels: Tensor, temperature: float
+) -> tuple[float, float, int]:
     """Compute what one client shares in each round of federated temperature fitting.
 
     The client computes three scalars from its own validation set, so no logits or labels leave
@@ -261,11 +267,14 @@ def local_nll_and_gradient(logits: Tensor, labels: Tensor, temperature: float) -
     temperature = _check_temperature(temperature)
     _check_logits_and_labels(logits, labels)
     logits64 = logits.detach().to(torch.float64)
-    nll, gradient = _summed_nll_and_gradient(logits64, labels.to(logits.device), math.log(temperature))
+    labels = labels.to(logits.device)
+    nll, gradient = _summed_nll_and_gradient(logits64, labels, math.log(temperature))
     return nll, gradient, int(logits.shape[0])
 
 
-def fit_temperature(logits: Tensor, labels: Tensor, max_iter: int = 200, tol: float = 1e-8) -> float:
+def fit_temperature(
+    logits: Tensor, labels: Tensor, max_iter: int = 200, tol: float = 1e-8
+) -> float:
     """Fit the temperature that minimises the mean NLL of ``softmax(logits / T)`` on one dataset.
 
     The search runs over ``s = log T``, starting at ``s = 0`` (``T = 1``), with
@@ -344,7 +353,7 @@ def fit_temperature(logits: Tensor, labels: Tensor, max_iter: int = 200, tol: fl
 def fit_temperature_federated(
     client_data: Sequence[tuple[Tensor, Tensor]], max_iter: int = 100, tol: float = 1e-10
 ) -> float:
-    """Fit one temperature for all clients while the server sees only summed scalars.
+    """Fit one temperature for all clients while the server receives only summed scalars.
 
     The objective is the mean NLL over the union of the clients' validation sets, the same as
     :func:`fit_temperature` on the pooled data, so both return the same temperature up to their
@@ -355,18 +364,18 @@ def fit_temperature_federated(
     3. The server sums the replies and divides by the total sample count, giving the mean NLL and
        its derivative ``g(s)`` in ``s = log T``.
 
-    The first two rounds evaluate ``g`` at the bounds ``log MIN_TEMPERATURE`` and
-    ``log MAX_TEMPERATURE``. The mean NLL has one minimum in ``s``, so ``g`` changes sign once.
-    If it does not change sign between the bounds, the server returns the nearer bound with a
-    warning. Otherwise the server keeps a bracket ``[low, high]`` with ``g(low) < 0 < g(high)``
-    and, from round 3 at ``s = 0``, takes secant (quasi-Newton) steps
-    ``s - g(s) (s - s_prev) / (g(s) - g(s_prev))``. It falls back to bisecting the bracket when a
-    step would leave the bracket, or when the bracket has not halved in two rounds. So the server
-    runs ``max_iter + 3`` rounds at most.
+    The mean NLL has one minimum in ``s``, so ``g`` changes sign once. The first two rounds
+    evaluate ``g`` at ``log MIN_TEMPERATURE`` and ``log MAX_TEMPERATURE``. If ``g >= 0`` at the
+    lower bound or ``g <= 0`` at the upper bound, the minimum lies beyond it and the server
+    returns that bound with a warning. Otherwise the server keeps a bracket ``[low, high]`` with
+    ``g(low) < 0 < g(high)`` and starts at ``s = 0`` in round 3. Its first step is ``-g(0)``, as
+    if the curvature were 1, and later steps are secant (quasi-Newton) steps
+    ``s - g(s) (s - s_prev) / (g(s) - g(s_prev))``. It bisects the bracket instead when a step
+    would leave the bracket, or when the last step did not halve ``|g|``. So the server runs at
+    most ``max_iter + 3`` rounds, about 10 to 15 in the tests.
 
-    NOTE: the clients still send their summed NLL, and the server discards it, because the
-    gradient alone locates a one-minimum objective. It costs nothing extra and lets a runtime log
-    the objective per round.
+    The clients also send their summed NLL, which the server only logs, because the gradient
+    alone locates an objective with one minimum.
 
     Args:
         client_data: one ``(logits (N_k, C) float, labels (N_k,) int64)`` pair per client, with the
@@ -390,7 +399,9 @@ def fit_temperature_federated(
         nonlocal rounds
         rounds += 1
         temperature = math.exp(log_temperature)
-        replies = [local_nll_and_gradient(logits, labels, temperature) for logits, labels in client_data]
+        replies = [
+            local_nll_and_gradient(logits, labels, temperature) for logits, labels in client_data
+        ]
         total_nll = sum(reply[0] for reply in replies)
         total_gradient = sum(reply[1] for reply in replies)
         total_samples = sum(reply[2] for reply in replies)
@@ -423,8 +434,9 @@ def fit_temperature_federated(
         else:
             high = s
 
-        # The first step assumes unit curvature, later ones take the secant through the last two
-        # points. Bisect when the step would leave the bracket or the last step did not halve |g|.
+        # The first step assumes a curvature of 1, later ones take the secant through the last
+        # two points. Bisect when the step would leave the bracket or the last step did not
+        # halve |g|, which keeps a slow secant sequence converging.
         target = None
         if previous_s is None:
             target = s - gradient
@@ -451,7 +463,10 @@ def fit_temperature_federated(
         )
     temperature = _clamp_temperature(s)
     logger.info(
-        "federated temperature %.6g from %d clients in %d rounds", temperature, len(client_data), rounds
+        "federated temperature %.6g from %d clients in %d rounds",
+        temperature,
+        len(client_data),
+        rounds,
     )
     return temperature
 

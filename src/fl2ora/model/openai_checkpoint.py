@@ -63,7 +63,7 @@ _Q, _K, _V = "q", "k", "v"
 
 
 class _ScriptObject:
-    """Placeholder for a TorchScript class (``__torch__.*``): keeps its attributes, runs no code."""
+    """Placeholder for a TorchScript class (``__torch__.*``) that stores its attributes and runs no code."""
 
     def __init__(self, *args: Any) -> None:
         self._args = args
@@ -76,7 +76,7 @@ class _ScriptObject:
 
 
 class _StorageType:
-    """Placeholder for ``torch.<Kind>Storage`` in a persistent id: only its dtype is used."""
+    """Placeholder for ``torch.<Kind>Storage`` in a persistent id, of which only the dtype is used."""
 
     def __init__(self, dtype: torch.dtype) -> None:
         self.dtype = dtype
@@ -217,7 +217,7 @@ def _read_torchscript(path: Path, archive: zipfile.ZipFile, prefix: str) -> dict
 
 
 def _unwrap_state_dict(path: Path, loaded: Any) -> dict[str, torch.Tensor]:
-    """Strip a ``{"state_dict": ...}`` wrapper and a ``module.`` key prefix; keep only tensors."""
+    """Strip a ``{"state_dict": ...}`` wrapper and a ``module.`` key prefix, and check that every value is a tensor."""
     if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
         loaded = loaded["state_dict"]
     if not isinstance(loaded, dict):
@@ -243,7 +243,7 @@ def read_openai_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tens
     """Read the tensors of an OpenAI-format CLIP checkpoint without running code from the file.
 
     A TorchScript archive (a zip with ``constants.pkl`` or ``code/``) is read by unpickling its
-    ``data.pkl`` with an allow-list of tensor-building globals; every other file goes through
+    ``data.pkl`` with an allow-list of tensor-building globals. Every other file goes through
     ``torch.load(..., weights_only=True)``. A ``{"state_dict": ...}`` wrapper and a ``module.``
     prefix on every key (from ``DataParallel``) are removed.
 
@@ -357,16 +357,21 @@ def infer_openai_config(state_dict: dict[str, torch.Tensor]) -> CLIPConfig:
     text_width = state_dict["ln_final.weight"].shape[0]
     text_layers = _block_count(state_dict, "transformer.resblocks.")
 
+    for name, width in (("vision", vision_width), ("text", text_width)):
+        if width < 64:
+            raise ValueError(
+                f"The {name} width is {width}, but OpenAI's CLIP uses width // 64 attention heads, "
+                "so the width must be at least 64."
+            )
     if state_dict["visual.proj"].shape != (vision_width, embed_dim):
         raise ValueError(
             f"visual.proj has shape {tuple(state_dict['visual.proj'].shape)}, "
             f"expected ({vision_width}, {embed_dim}) from visual.conv1 and text_projection."
         )
-    for name, width in (("vision", vision_width), ("text", text_width)):
-        if width < 64:
-            raise ValueError(f"The {name} width is {width}; OpenAI's CLIP uses width // 64 heads, so it must be >= 64.")
 
-    logit_scale = float(state_dict["logit_scale"]) if "logit_scale" in state_dict else 2.6592
+    # Only the initial value of the parameter that the checkpoint overwrites; meta tensors have no value.
+    logit_scale = state_dict.get("logit_scale")
+    logit_scale_init = 2.6592 if logit_scale is None or logit_scale.is_meta else float(logit_scale)
     text_config = {
         "vocab_size": vocab_size,
         "hidden_size": text_width,
@@ -377,8 +382,8 @@ def infer_openai_config(state_dict: dict[str, torch.Tensor]) -> CLIPConfig:
         "hidden_act": "quick_gelu",
         "layer_norm_eps": 1e-5,
         # The text feature is read at <|endoftext|>, the largest id in OpenAI's vocabulary. OpenAI
-        # takes the argmax of the ids and Hugging Face the first eos_token_id: the same position
-        # for every sequence from CLIP's tokenizer.
+        # takes the argmax of the ids and Hugging Face the first eos_token_id, which is the same
+        # position for every sequence that CLIP's tokenizer produces.
         "bos_token_id": vocab_size - 2,
         "eos_token_id": vocab_size - 1,
         "projection_dim": embed_dim,
@@ -399,7 +404,7 @@ def infer_openai_config(state_dict: dict[str, torch.Tensor]) -> CLIPConfig:
         text_config=text_config,
         vision_config=vision_config,
         projection_dim=embed_dim,
-        logit_scale_init_value=logit_scale,
+        logit_scale_init_value=logit_scale_init,
     )
 
 
@@ -407,8 +412,9 @@ def _layer_pairs(openai_prefix: str, hf_prefix: str) -> list[tuple[str, str, str
     """Return ``(OpenAI key, Hugging Face key, transform)`` for one residual attention block."""
     pairs = []
     for projection in (_Q, _K, _V):
-        pairs.append((f"{openai_prefix}attn.in_proj_weight", f"{hf_prefix}self_attn.{projection}_proj.weight", projection))
-        pairs.append((f"{openai_prefix}attn.in_proj_bias", f"{hf_prefix}self_attn.{projection}_proj.bias", projection))
+        for suffix in ("weight", "bias"):
+            hf_key = f"{hf_prefix}self_attn.{projection}_proj.{suffix}"
+            pairs.append((f"{openai_prefix}attn.in_proj_{suffix}", hf_key, projection))
     renames = {
         "attn.out_proj": "self_attn.out_proj",
         "ln_1": "layer_norm1",
@@ -463,9 +469,9 @@ def _transform(tensor: torch.Tensor, transform: str, key: str) -> torch.Tensor:
 def convert_openai_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename an OpenAI ViT CLIP state dict to the keys of ``transformers.CLIPModel``.
 
-    ``in_proj_weight``/``in_proj_bias`` are split into ``q_proj``, ``k_proj`` and ``v_proj``;
+    ``in_proj_weight`` and ``in_proj_bias`` are split into ``q_proj``, ``k_proj`` and ``v_proj``.
     ``visual.proj`` and ``text_projection`` ``(W, D)`` are transposed into ``Linear`` weights
-    ``(D, W)``; the other tensors are renamed unchanged (dtype included). OpenAI's metadata
+    ``(D, W)``. The other tensors are renamed unchanged, dtype included. OpenAI's metadata
     tensors (``input_resolution``, ``context_length``, ``vocab_size``) and causal-mask buffers
     (``*attn_mask``) are dropped.
 
@@ -495,7 +501,10 @@ def convert_openai_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, 
             "The file may be truncated or not an OpenAI-format ViT CLIP checkpoint."
         )
 
-    return {hf_key: _transform(state_dict[openai_key], transform, openai_key) for openai_key, hf_key, transform in pairs}
+    converted = {}
+    for openai_key, hf_key, transform in pairs:
+        converted[hf_key] = _transform(state_dict[openai_key], transform, openai_key)
+    return converted
 
 
 def load_openai_checkpoint(path: str | os.PathLike[str]) -> CLIPModel:
@@ -511,7 +520,7 @@ def load_openai_checkpoint(path: str | os.PathLike[str]) -> CLIPModel:
 
     Raises:
         FileNotFoundError: when ``path`` is not a file.
-        ValueError: when the file holds non-tensor objects, a ResNet model, or tensors whose names
+        ValueError: when the file contains non-tensor objects, a ResNet model, or tensors whose names
             or shapes do not fit the inferred architecture (each one listed).
     """
     state_dict = read_openai_state_dict(path)

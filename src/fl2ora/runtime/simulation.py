@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from fl2ora.config import config_to_dict
 from fl2ora.evaluation.evaluate import evaluate_clients, last_rounds_statistics, predict_probabilities
+from fl2ora.evaluation.posthoc import temperature_scaling_report
 from fl2ora.evaluation.reliability import plot_reliability_diagram
 from fl2ora.experiment import Experiment
 from fl2ora.federated.algorithm import FederatedAlgorithm
@@ -226,6 +227,21 @@ def run_simulation(experiment: Experiment, run_dir: RunDirectory) -> dict[str, A
         "bytes_per_round": bytes_per_round,
         "wall_time_seconds": time.perf_counter() - started,
     }
+    if config.temperature.mode != "none":
+        val_probs = predict_probabilities(
+            experiment.model, experiment.val_dataset, config.eval.batch_size, experiment.device, config.model.precision
+        )
+        summary["temperature_scaling"] = temperature_scaling_report(
+            config.temperature.mode,
+            val_probs,
+            experiment.val_labels,
+            experiment.client_val_rows,
+            probs,
+            experiment.eval_labels,
+            experiment.client_eval_rows,
+            config.eval.n_bins,
+            config.eval.calibration,
+        )
     if experiment.backbone.random_init:
         summary["warning"] = experiment.backbone.description["warning"]
     run_dir.write_summary(summary)
