@@ -45,7 +45,8 @@ class ModelConfig:
     """CLIP backbone and zero-shot head."""
 
     name: str = "openai/clip-vit-base-patch16"
-    """Hugging Face hub id, local model folder, or an architecture name (``tiny``,
+    """Hugging Face hub id, local model folder, OpenAI-format checkpoint file (``ViT-B-16.pt``,
+    as the CoOp family of code caches it), or an architecture name (``tiny``,
     ``vit-b-32``, ``vit-b-16``) that only exists with ``random_init``."""
     random_init: bool = False
     """Build the architecture with random weights instead of loading weights. Every

@@ -91,6 +91,19 @@ SHARED_SPLITS = [
 ]
 
 
+def reduce_split(raw: dict, per_class: int) -> dict:
+    """Keep the first `per_class` entries of each label in each split."""
+    reduced: dict[str, list] = {}
+    for split, entries in raw.items():
+        kept: dict[int, int] = {}
+        reduced[split] = []
+        for entry in entries:
+            if kept.get(entry[1], 0) < per_class:
+                kept[entry[1]] = kept.get(entry[1], 0) + 1
+                reduced[split].append(entry)
+    return reduced
+
+
 @pytest.mark.parametrize("name,file_name,num_classes,loader", SHARED_SPLITS, ids=[s[0] for s in SHARED_SPLITS])
 def test_shared_split_file_loads(tmp_path, name, file_name, num_classes, loader):
     split_path = SHARED_DATA / "splits" / file_name
@@ -104,11 +117,17 @@ def test_shared_split_file_loads(tmp_path, name, file_name, num_classes, loader)
     parsed = read_split_file(split_path)
     assert len(parsed.classnames) == num_classes
     assert parsed.classnames == expected_names
+    for split in ("train", "val", "test"):
+        assert parsed.entries[split] == [(relpath, label) for relpath, label, _ in raw[split]]
 
+    # Images for two entries per class and split keep the test fast; every class still occurs.
+    reduced = reduce_split(raw, per_class=2)
+    reduced_path = tmp_path / file_name
+    reduced_path.write_text(json.dumps(reduced))
     spec = SPLIT_DATASETS[name]
     image_root = tmp_path / spec.dataset_dir / spec.image_dir
-    assert write_listed_images(image_root, raw) == sum(len(v) for v in raw.values())
-    data = loader(tmp_path, split_path=split_path)
+    write_listed_images(image_root, reduced)
+    data = loader(tmp_path, split_path=reduced_path)
 
     assert data.name == name
     assert data.template == spec.template
@@ -116,9 +135,9 @@ def test_shared_split_file_loads(tmp_path, name, file_name, num_classes, loader)
     assert data.classnames == [n.replace("_", " ") for n in expected_names]
     for split, samples in (("train", data.train), ("val", data.val), ("test", data.test)):
         assert samples is not None
-        assert len(samples) == len(raw[split])
-        np.testing.assert_array_equal(samples.labels, [label for _, label, _ in raw[split]])
-        assert samples.sources[0] == image_root / raw[split][0][0]
+        assert len(samples) == 2 * num_classes
+        np.testing.assert_array_equal(samples.labels, [label for _, label, _ in reduced[split]])
+        assert samples.sources[0] == image_root / reduced[split][0][0]
 
     # The image behind a sample carries its label's color, so paths and labels were kept together.
     index = len(data.test) - 1

@@ -373,3 +373,17 @@ def test_shape_mismatch_named(tmp_path, reference):
     torch.save(tensors, path)
     with pytest.raises(ValueError, match=r"vision_model.encoder.layers.1.mlp.fc1.weight: checkpoint \(256, 128\)"):
         load_openai_checkpoint(path)
+
+
+def test_load_backbone_reads_openai_checkpoint(checkpoints, reference, inputs):
+    from fl2ora.config import ModelConfig
+    from fl2ora.model.backbone import load_backbone
+
+    path = next(iter(checkpoints.values()))
+    backbone = load_backbone(ModelConfig(name=str(path)))
+    assert backbone.random_init is False
+    assert backbone.image_size == reference.visual.image_size[0] if isinstance(reference.visual.image_size, tuple) else reference.visual.image_size
+    model = load_openai_checkpoint(path)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(backbone.model.state_dict()[name], tensor), name
+    assert len(backbone.tokenizer) == 49408

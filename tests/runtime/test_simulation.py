@@ -124,3 +124,26 @@ def test_same_seed_same_results(tiny_image_folder, tmp_path):
     second = run_simulation(build_experiment(config), RunDirectory(tmp_path / "b"))
     assert first["final"] == second["final"]
     assert first["last_rounds"] == second["last_rounds"]
+
+
+def test_fedprox_with_zero_mu_equals_fedavg(tiny_image_folder, tmp_path):
+    fedavg_run = run_simulation(build_experiment(tiny_config(tiny_image_folder)), RunDirectory(tmp_path / "avg"))
+    prox_config = tiny_config(tiny_image_folder, federated={"aggregation": "fedprox", "mu": 0.0})
+    prox_run = run_simulation(build_experiment(prox_config), RunDirectory(tmp_path / "prox"))
+    avg, prox = load_adapter(tmp_path / "avg" / "adapter.safetensors"), load_adapter(tmp_path / "prox" / "adapter.safetensors")
+    for name in avg:
+        assert torch.equal(avg[name], prox[name]), name
+    assert fedavg_run["final"] == prox_run["final"]
+
+
+def test_temperature_scaling_holds_out_validation(tiny_image_folder, tmp_path):
+    config = tiny_config(tiny_image_folder, temperature={"mode": "central", "validation_fraction": 0.25})
+    experiment = build_experiment(config)
+    trained = {str(path) for dataset in experiment.client_train for path in dataset.sources}
+    held_out = {str(path) for path in experiment.val_dataset.sources}
+    assert held_out and trained.isdisjoint(held_out)
+    summary = run_simulation(experiment, RunDirectory(tmp_path / "run"))
+    scaling = summary["temperature_scaling"]
+    assert scaling["temperature"] > 0
+    assert scaling["after"]["mean"]["accuracy"] == pytest.approx(scaling["before"]["mean"]["accuracy"])
+    assert scaling["before"]["mean"] == summary["final"]["mean"]

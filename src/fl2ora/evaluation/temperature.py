@@ -8,11 +8,13 @@ argues that FL²oRA is calibrated without it, so fl2ora offers it as the referen
 Every function takes ``logits: (N, C) float`` and ``labels: (N,) int64``. Log-probabilities work
 as logits because ``log_softmax`` is shift invariant per row: ``softmax(log(p) / T)`` is ``p``
 raised to ``1 / T`` and renormalised. fl2ora stores probabilities, so pass
-``probs.clamp_min(NLL_EPS).log()``, because a probability of exactly 0 gives ``-inf``.
+``probs.clamp_min(1e-12).log()`` (the clamp of ``calibration.NLL_EPS``), because a probability of
+exactly 0 gives ``-inf``, which the fitters reject.
 
 The temperature is fitted as ``T = exp(s)``, which keeps it positive. With ``beta = 1 / T`` the
-mean NLL is convex in ``beta``, so it has one minimum in ``s``, and its derivative in ``s`` changes
-sign once. The fitters search ``T`` in ``[MIN_TEMPERATURE, MAX_TEMPERATURE]`` and return a bound
+mean NLL is a sum of log-sum-exps of functions linear in ``beta``, so it is convex in ``beta``,
+and strictly convex unless every row of logits is constant. So it has one minimum in ``s``, and
+its derivative in ``s`` changes sign once. The fitters search ``T`` in ``[MIN_TEMPERATURE, MAX_TEMPERATURE]`` and return a bound
 with a warning when the minimum lies beyond it, for example when every validation prediction is
 correct and the NLL keeps falling as ``T`` goes to 0.
 """
@@ -286,8 +288,9 @@ def fit_temperature(
         logits: ``(N, C) float`` validation logits or log-probabilities.
         labels: ``(N,) int64`` validation classes in ``[0, C)``.
         max_iter: maximum number of L-BFGS iterations, a positive int.
-        tol: L-BFGS stops when ``|d mean NLL / d log T|`` falls to ``tol`` or below, or when a
-            step changes ``log T`` or the mean NLL by at most ``tol ** 2``.
+        tol: L-BFGS stops when ``|d mean NLL / d log T|`` falls to ``tol`` or below, when a
+            step changes ``log T`` or the mean NLL by at most ``tol ** 2``, or after
+            ``max_iter * 5 / 4`` evaluations of the NLL (the default ``max_eval`` of LBFGS).
 
     Returns:
         The fitted temperature, in ``[MIN_TEMPERATURE, MAX_TEMPERATURE]``. A bound is returned,

@@ -12,6 +12,7 @@ import torch
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
 from fl2ora.config import ConfigError, ModelConfig
+from fl2ora.model.openai_checkpoint import infer_openai_config, load_openai_checkpoint, read_openai_state_dict
 from fl2ora.model.tokenizer import VOCAB_SIZE, bundled_clip_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -141,6 +142,8 @@ def load_backbone(config: ModelConfig) -> Backbone:
             clip_config, source = build_architecture(name), None
         elif name in HUB_ARCHITECTURES:
             clip_config, source = build_architecture(HUB_ARCHITECTURES[name]), None
+        elif name.endswith(".pt") and Path(name).expanduser().is_file():
+            clip_config, source = infer_openai_config(read_openai_state_dict(Path(name).expanduser())), None
         elif local:
             clip_config, source = CLIPConfig.from_pretrained(name), name
         else:
@@ -154,6 +157,10 @@ def load_backbone(config: ModelConfig) -> Backbone:
             model = CLIPModel(clip_config)
         tokenizer = _load_tokenizer(source, local_only=True) if source else bundled_clip_tokenizer()
         logger.warning("%s (model %s, init seed %d)", RANDOM_INIT_WARNING, name, config.init_seed)
+    elif name.endswith(".pt") and Path(name).expanduser().is_file():
+        # An OpenAI-format checkpoint, as cached by OpenAI's clip package (TorchScript or state dict).
+        model = load_openai_checkpoint(Path(name).expanduser())
+        tokenizer = bundled_clip_tokenizer(model.config.text_config.max_position_embeddings)
     else:
         if name in ARCHITECTURES:
             raise ConfigError(
