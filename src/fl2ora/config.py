@@ -21,6 +21,7 @@ import yaml
 
 from fl2ora.errors import ConfigError
 from fl2ora.losses import CalibrationLossConfig
+from fl2ora.methods.maple import MaPLeSettings
 
 __all__ = [
     "CalibrationLossConfig",
@@ -251,41 +252,25 @@ class EvalConfig:
 class PromptConfig:
     """CoOp / PromptFL and KgCoOp: learnable context vectors before the class name."""
 
-    n_ctx: int = 16
-    """Number of context vectors M (ignored when ``init`` is a phrase: its token count is used)."""
+    n_ctx: int | None = None
+    """Number of context vectors M. ``null`` means 16 with random initialisation and the
+    phrase's token count with a phrase; a number given with a phrase must equal that count."""
     class_specific: bool = False
-    """One context per class instead of one shared by all classes."""
+    """One context per class (CoOp's CSC) instead of one shared by all classes."""
     init: str = "random"
     """``random`` (normal, std 0.02) or a phrase such as ``a photo of a`` whose token
     embeddings initialise the context."""
     kgcoop_weight: float = 8.0
-    """KgCoOp's lambda: weight of the distance between learned and hand-written class
-    text features (method ``kgcoop`` only)."""
+    """KgCoOp's lambda: weight of the squared distance between learned and hand-written
+    class text features. Used by method ``kgcoop`` only; ``coop`` trains without it."""
 
     def __post_init__(self) -> None:
-        if self.n_ctx < 1:
-            raise ConfigError(f"prompt.n_ctx must be >= 1, got {self.n_ctx!r}. CoOp uses 16.")
+        if self.n_ctx is not None and self.n_ctx < 1:
+            raise ConfigError(f"coop.n_ctx must be >= 1 or null, got {self.n_ctx!r}. CoOp uses 16.")
+        if not self.init.strip():
+            raise ConfigError("coop.init must be 'random' or a phrase such as 'a photo of a', got ''.")
         if self.kgcoop_weight < 0:
-            raise ConfigError(f"prompt.kgcoop_weight must be >= 0, got {self.kgcoop_weight!r}. KgCoOp uses 8.")
-
-
-@dataclass
-class MapleConfig:
-    """MaPLe: coupled prompts in the first blocks of both encoders."""
-
-    n_ctx: int = 2
-    """Prompt tokens per block."""
-    depth: int = 9
-    """Number of blocks J that get prompts (1 = shallow prompts only)."""
-    init: str = "a photo of a"
-    """Phrase whose first ``n_ctx`` token embeddings initialise the first text prompt,
-    or ``random``."""
-
-    def __post_init__(self) -> None:
-        if self.n_ctx < 1:
-            raise ConfigError(f"maple.n_ctx must be >= 1, got {self.n_ctx!r}. MaPLe uses 2.")
-        if self.depth < 1:
-            raise ConfigError(f"maple.depth must be >= 1, got {self.depth!r}. MaPLe uses 9.")
+            raise ConfigError(f"coop.kgcoop_weight must be >= 0, got {self.kgcoop_weight!r}. KgCoOp uses 8.")
 
 
 @dataclass
@@ -328,12 +313,12 @@ class RunConfig:
     """Seed of partitioning, client sampling, data order and dropout."""
     method: Literal["zeroshot", "fl2ora", "coop", "kgcoop", "maple", "layernorm", "bitfit", "full"] = "fl2ora"
     """Fine-tuning method: ``zeroshot`` (no training), ``fl2ora`` (LoRA, section ``lora``),
-    ``coop`` (PromptFL when federated) and ``kgcoop`` (section ``prompt``), ``maple``
+    ``coop`` (PromptFL when federated) and ``kgcoop`` (section ``coop``), ``maple``
     (section ``maple``), ``layernorm``, ``bitfit`` and ``full`` (section ``tuning``)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
-    prompt: PromptConfig = field(default_factory=PromptConfig)
-    maple: MapleConfig = field(default_factory=MapleConfig)
+    coop: PromptConfig = field(default_factory=PromptConfig)
+    maple: MaPLeSettings = field(default_factory=MaPLeSettings)
     tuning: TuningConfig = field(default_factory=TuningConfig)
     loss: CalibrationLossConfig = field(default_factory=CalibrationLossConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -11,13 +11,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import Dataset
 
 from fl2ora.config import ConfigError, RunConfig
 from fl2ora.data import ImageClassificationData, clip_transforms, load_dataset, partition, subsample_per_class
-from fl2ora.methods.lora import apply_lora, count_trainable
+from fl2ora.methods.lora import count_trainable
+from fl2ora.methods.registry import build_classifier
 from fl2ora.model.backbone import Backbone, load_backbone
-from fl2ora.model.zero_shot import ZeroShotClassifier
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +30,8 @@ class Experiment:
     config: RunConfig
     data: ImageClassificationData
     backbone: Backbone
-    model: ZeroShotClassifier
+    model: nn.Module
+    """The method's classifier: ``forward(images (N, 3, H, W)) -> logits (N, C)``."""
     device: torch.device
     client_train: list[Dataset]
     """Client k's training split, with the training transform."""
@@ -128,8 +130,7 @@ def build_experiment(config: RunConfig) -> Experiment:
     counts = split.class_counts(train_labels, test_labels, len(data.classnames))
 
     backbone = load_backbone(config.model)
-    model = ZeroShotClassifier(backbone.model, backbone.tokenizer, data.classnames, data.template, tau=config.model.tau)
-    apply_lora(backbone.model, config.lora, seed=config.seed)
+    model = build_classifier(config, backbone, data.classnames, data.template)
     device = resolve_device(config.model.device)
     model.to(device)
 

@@ -166,8 +166,9 @@ def pacs_cache(tmp_path_factory) -> Path:
 
 def domain_files(data, domain: str) -> set[str]:
     """Every image file on disk in the domain's folder, found by walking it."""
-    image_root = Path(data.per_domain[domain].train.sources[0]).parents[2]
-    return {str(p) for p in image_root.rglob("*") if p.is_file()}
+    domain_dir = Path(data.per_domain[domain].train.sources[0]).parents[1]
+    assert domain_dir.name == domain
+    return {str(p) for p in domain_dir.rglob("*") if p.is_file()}
 
 
 @pytest.mark.slow

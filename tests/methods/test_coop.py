@@ -109,11 +109,15 @@ def test_phrase_init_uses_token_embeddings():
         assert torch.equal(model.ctx[c].detach(), expected)
 
 
-def test_only_context_gets_gradients():
-    model = build()
+@pytest.mark.parametrize("kgcoop_weight", [0.0, 8.0])
+def test_only_context_gets_gradients(kgcoop_weight):
+    model = build(CoOpSettings(kgcoop_weight=kgcoop_weight))
     images, labels = batch()
     model.train()
-    F.cross_entropy(model(images), labels).backward()
+    loss = F.cross_entropy(model(images), labels)
+    if kgcoop_weight:
+        loss = loss + model.regularization_loss()
+    loss.backward()
 
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     with_grad = {name for name, p in model.named_parameters() if p.grad is not None}

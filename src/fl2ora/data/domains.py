@@ -31,6 +31,7 @@ import numpy as np
 from fl2ora.data.coop_splits import readable_classname
 from fl2ora.data.datasets import (
     DEFAULT_TEMPLATE,
+    IMAGE_EXTENSIONS,
     ImageClassificationData,
     ImageSamples,
     _class_folders,
@@ -186,11 +187,13 @@ _VLCS = _FolderDomainSpec(
 def _class_images(split_dir: Path) -> dict[str, list[Path]]:
     """Map each class folder of ``split_dir`` to its sorted images, rejecting an empty class folder."""
     images = {folder.name: _list_images(folder) for folder in _class_folders(split_dir)}
+    if not images:
+        raise ValueError(f"No class folders found in {split_dir}. Expected {split_dir}/<class>/<image>.")
     empty = [name for name, files in images.items() if not files]
-    if not images or empty:
+    if empty:
         raise ValueError(
-            f"{split_dir} has no class folders with images (empty: {empty}). Expected "
-            f"{split_dir}/<class>/<image>, and every class folder needs at least one image."
+            f"Class folders {empty} in {split_dir} contain no images ({', '.join(IMAGE_EXTENSIONS)}). "
+            "Every class folder needs at least one image."
         )
     return images
 
