@@ -6,6 +6,7 @@ trainable parameters, and the evaluation set made of every client's local test s
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -66,6 +67,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+@functools.lru_cache(maxsize=4)
+def _load_dataset_cached(name: str, root: str, download: bool) -> ImageClassificationData:
+    # Sweeps build many experiments on one dataset; listing its files once is enough.
+    return load_dataset(name, root, download=download)
+
+
 def _subsample(labels: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
     if limit is None:
         return np.arange(len(labels))
@@ -105,7 +112,7 @@ def build_experiment(config: RunConfig) -> Experiment:
             than training samples).
         FileNotFoundError: when the dataset root is missing.
     """
-    data = load_dataset(config.data.dataset, config.data.root, download=config.data.download)
+    data = _load_dataset_cached(config.data.dataset, config.data.root, config.data.download)
     train_pool = _subsample(data.train.labels, config.data.max_train_per_class, config.seed)
     test_pool = _subsample(data.test.labels, config.data.max_test_per_class, config.seed + 1)
     train_labels = data.train.labels[train_pool]

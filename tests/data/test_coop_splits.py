@@ -95,11 +95,11 @@ def reduce_split(raw: dict, per_class: int) -> dict:
     """Keep the first `per_class` entries of each label in each split."""
     reduced: dict[str, list] = {}
     for split, entries in raw.items():
-        kept: dict[int, int] = {}
+        taken_per_label: dict[int, int] = {}
         reduced[split] = []
         for entry in entries:
-            if kept.get(entry[1], 0) < per_class:
-                kept[entry[1]] = kept.get(entry[1], 0) + 1
+            if taken_per_label.get(entry[1], 0) < per_class:
+                taken_per_label[entry[1]] = taken_per_label.get(entry[1], 0) + 1
                 reduced[split].append(entry)
     return reduced
 

@@ -227,6 +227,8 @@ def test_office_home_warns_on_class_count(tmp_path, caplog):
     [
         ({"domains": ["Photo"]}, ValueError, r"unknown domains \['Photo'\]"),
         ({"test_fraction": 1.5}, ValueError, "test_fraction must be a number in"),
+        ({"seed": -1}, ValueError, "seed must be a non-negative int"),
+        ({"seed": 1.5}, ValueError, "seed must be a non-negative int"),
         ({"classnames": {"Typo": "x"}}, ValueError, r"do not exist: \['Typo'\]"),
         ({"download": True}, ValueError, "cannot be downloaded"),
     ],
@@ -280,6 +282,10 @@ def test_vlcs_folder_splits(tmp_path):
     labelme = data.per_domain["LabelMe"]
     np.testing.assert_array_equal(np.bincount(labelme.test.labels), [1] * 5)
     assert all(Path(p).parts[-3] == "full" for p in labelme.train.sources)
+
+    # The seeded split's arguments are checked even where a domain brings its own split.
+    with pytest.raises(ValueError, match="test_fraction must be a number in"):
+        load_vlcs(tmp_path, domains=["Caltech101"], test_fraction=0)
 
 
 def test_vlcs_numbered_classes(tmp_path, caplog):

@@ -87,7 +87,8 @@ def test_pacs_kfold_layout(tmp_path):
 def test_pacs_missing_image_and_skip(tmp_path, caplog):
     write_pacs(tmp_path)
     (tmp_path / "cartoon" / "dog" / "0.png").unlink()
-    with pytest.raises(FileNotFoundError, match=r"1 of 14 images listed in .*cartoon_train_kfold.txt.*cartoon/dog/0.png"):
+    expected = r"1 of 14 images listed in .*cartoon_train_kfold.txt.*cartoon/dog/0.png"
+    with pytest.raises(FileNotFoundError, match=expected):
         load_pacs(tmp_path, domains=["cartoon"])
     with caplog.at_level(logging.WARNING, logger="fl2ora.data.coop_splits"):
         data = load_pacs(tmp_path, domains=["cartoon"], skip_missing=True)

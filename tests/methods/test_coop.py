@@ -66,7 +66,7 @@ def test_prompt_layout_matches_coop():
     assert torch.equal(embedded[:, 17:], reference[:, 17:])  # class name, '.', end-of-text, padding
     for c in range(4):
         assert torch.equal(embedded[c, 1:17], model.ctx.detach())
-    # [SOS] 16 x X, then "airplane ." -> EOS at 19; "sea turtle ." -> EOS at 20.
+    # [SOS] and 16 X tokens, then "airplane ." puts EOS at 19 and "sea turtle ." puts it at 20.
     assert model.eos_positions.tolist() == [19, 19, 20, 19]
 
 

@@ -20,11 +20,13 @@ KINDS = ["layernorm", "bitfit", "full"]
 ENCODERS = ["vision", "text", "both"]
 
 # Parameter names each method selects, written as patterns independently of the module walk.
+BLOCK_NORMS = r"encoder\.layers\.\d+\.layer_norm[12]"
+BLOCK_BIASES = r"encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12]|layer_norm[12])"
 PATTERNS = {
-    ("layernorm", "vision"): r"vision_model\.(pre_layrnorm|post_layernorm|encoder\.layers\.\d+\.layer_norm[12])\.(weight|bias)",
-    ("layernorm", "text"): r"text_model\.(final_layer_norm|encoder\.layers\.\d+\.layer_norm[12])\.(weight|bias)",
-    ("bitfit", "vision"): r"vision_model\.(pre_layrnorm|post_layernorm|encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12]|layer_norm[12]))\.bias",
-    ("bitfit", "text"): r"text_model\.(final_layer_norm|encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12]|layer_norm[12]))\.bias",
+    ("layernorm", "vision"): rf"vision_model\.(pre_layrnorm|post_layernorm|{BLOCK_NORMS})\.(weight|bias)",
+    ("layernorm", "text"): rf"text_model\.(final_layer_norm|{BLOCK_NORMS})\.(weight|bias)",
+    ("bitfit", "vision"): rf"vision_model\.(pre_layrnorm|post_layernorm|{BLOCK_BIASES})\.bias",
+    ("bitfit", "text"): rf"text_model\.(final_layer_norm|{BLOCK_BIASES})\.bias",
     ("full", "vision"): r"(vision_model\..*|visual_projection\.weight)",
     ("full", "text"): r"(text_model\..*|text_projection\.weight)",
 }
@@ -47,7 +49,7 @@ def expected_count(config, kind: str, encoder: str) -> int:
     def block(width: int, inner: int) -> dict[str, int]:
         return {
             "layernorm": 2 * 2 * width,  # layer_norm1 and layer_norm2, weight and bias
-            "bitfit": 4 * width + inner + width + 2 * width,  # q, k, v, out; fc1; fc2; two LayerNorm biases
+            "bitfit": 4 * width + inner + width + 2 * width,  # q, k, v, out, then fc1, fc2 and two LayerNorm biases
             "full": 4 * (width * width + width) + 2 * 2 * width + (width * inner + inner) + (inner * width + width),
         }[kind]
 

@@ -96,7 +96,7 @@ def test_deep_text_prompts_replace_tokens(backbone):
     with torch.no_grad():
         plain = encode_text_from_embeddings(text_model, embeds, first_eos(input_ids))
 
-    # Block 0 sees token plus position embeddings; blocks 1 and 2 see the prompts at positions 1 and 2.
+    # Block 0 receives token plus position embeddings. Blocks 1 and 2 receive the prompts at positions 1 and 2.
     positions = text_model.embeddings.position_embedding.weight[:77].detach()
     torch.testing.assert_close(inputs[0], embeds + positions)
     for block in (1, 2):
@@ -241,7 +241,9 @@ INVALID_IMAGE_CALLS = [
 ]
 
 
-@pytest.mark.parametrize("description,shallow,deep,message", INVALID_IMAGE_CALLS, ids=[c[0] for c in INVALID_IMAGE_CALLS])
+@pytest.mark.parametrize(
+    "description,shallow,deep,message", INVALID_IMAGE_CALLS, ids=[c[0] for c in INVALID_IMAGE_CALLS]
+)
 def test_invalid_image_prompts_rejected(backbone, pixels, description, shallow, deep, message):
     with pytest.raises(ValueError, match=message):
         encode_image_with_prompts(backbone.model.vision_model, pixels, shallow_prompt=shallow, deep_prompts=deep)

@@ -63,7 +63,8 @@ CIFAR100_CLASSES = (
     "mouse", "mushroom", "oak_tree", "orange", "orchid", "otter", "palm_tree", "pear", "pickup_truck", "pine_tree",
     "plain", "plate", "poppy", "porcupine", "possum", "rabbit", "raccoon", "ray", "road", "rocket",
     "rose", "sea", "seal", "shark", "shrew", "skunk", "skyscraper", "snail", "snake", "spider",
-    "squirrel", "streetcar", "sunflower", "sweet_pepper", "table", "tank", "telephone", "television", "tiger", "tractor",
+    "squirrel", "streetcar", "sunflower", "sweet_pepper", "table",
+    "tank", "telephone", "television", "tiger", "tractor",
     "train", "trout", "tulip", "turtle", "wardrobe", "whale", "willow_tree", "wolf", "woman", "worm",
 )
 _CIFAR100_BATCHES = "cifar-100-python"
@@ -99,7 +100,7 @@ def _load_cifar100_batches(root: Path, download: bool) -> ImageClassificationDat
                 f"({len(dataset.classes)} in all), expected CIFAR-100's 100 names {list(CIFAR100_CLASSES[:5])}... "
                 f"The folder does not contain CIFAR-100. {_CIFAR100_FIX}"
             )
-        # dataset.data is (N, 32, 32, 3) uint8. The list holds one view per sample, without copying.
+        # dataset.data is (N, 32, 32, 3) uint8. The list contains one view per sample, without copying.
         splits[split] = ImageSamples(list(dataset.data), np.asarray(dataset.targets, dtype=np.int64))
     return ImageClassificationData(
         splits["train"], splits["test"], [readable_classname(c) for c in CIFAR100_CLASSES], DEFAULT_TEMPLATE, "cifar100"

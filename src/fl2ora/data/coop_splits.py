@@ -40,7 +40,7 @@ _MISSING_SHOWN = 5  # missing paths quoted in an error message
 
 @dataclass(frozen=True)
 class SplitDatasetSpec:
-    """Where a CoOp-style dataset keeps its files, and its prompt template.
+    """File layout and prompt template of a CoOp-style dataset.
 
     Attributes:
         name: registry name, e.g. ``"caltech101"``.
@@ -207,10 +207,10 @@ def find_listed_images(
     found = np.fromiter((os.path.isfile(image_root / relpath) for relpath in relpaths), dtype=bool, count=len(relpaths))
     missing = [relpaths[i] for i in np.flatnonzero(~found)]
     if missing and not skip_missing:
-        shown = ", ".join(missing[:_MISSING_SHOWN])
+        first_missing = ", ".join(missing[:_MISSING_SHOWN])
         raise FileNotFoundError(
             f"{len(missing)} of {len(relpaths)} images listed in {listing} are missing under {image_root}, "
-            f"e.g. {shown}. Each listed path must exist relative to {image_root}. Point root at the complete "
+            f"e.g. {first_missing}. Each listed path must exist relative to {image_root}. Point root at the complete "
             "dataset, or pass skip_missing=True to leave the missing images out."
         )
     if missing:
@@ -246,9 +246,9 @@ def load_split_dataset(
 ) -> ImageClassificationData:
     """Load a CoOp-style dataset from its image folder and split file.
 
-    ``root`` may be the dataset folder (containing the image folder and usually the split file), its
-    parent (containing CoOp's folder name such as ``caltech-101/``), a folder whose only subfolder is
-    the dataset folder, or a ``.tar.gz`` archive of any of these.
+    ``root`` may be the dataset folder, which contains the image folder and usually the split file. It
+    may also be the folder above, containing CoOp's folder name such as ``caltech-101/``, any folder
+    whose only subfolder is the dataset folder, or a ``.tar.gz`` archive of any of these.
 
     Args:
         name: a key of :data:`SPLIT_DATASETS`, e.g. ``"caltech101"``.
@@ -308,10 +308,11 @@ def load_split_dataset(
 
     samples: dict[str, ImageSamples] = {}
     for split in split_file.entries:
-        kept = [(relpath, label) for (entry_split, relpath, label), ok in zip(listed, found) if entry_split == split and ok]
+        present = [
+            (relpath, label) for (entry_split, relpath, label), ok in zip(listed, found) if entry_split == split and ok
+        ]
         listed_labels = {label for _, label in split_file.entries[split]}
-        kept_labels = {label for _, label in kept}
-        emptied = sorted(listed_labels - kept_labels)
+        emptied = sorted(listed_labels - {label for _, label in present})
         if emptied:
             names = [split_file.classnames[label] for label in emptied[:_MISSING_SHOWN]]
             raise ValueError(
@@ -319,7 +320,8 @@ def load_split_dataset(
                 f"images under {image_root} ({len(emptied)} classes in all). Restore their images."
             )
         samples[split] = ImageSamples(
-            [image_root / relpath for relpath, _ in kept], np.asarray([label for _, label in kept], dtype=np.int64)
+            [image_root / relpath for relpath, _ in present],
+            np.asarray([label for _, label in present], dtype=np.int64),
         )
 
     data = ImageClassificationData(

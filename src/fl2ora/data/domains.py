@@ -105,7 +105,7 @@ def stratified_split(
     Example:
         >>> train, test = stratified_split([0] * 10 + [1] * 5, test_fraction=0.2)
         >>> len(train), len(test)
-        (11, 4)
+        (12, 3)
     """
     if isinstance(test_fraction, bool) or not isinstance(test_fraction, numbers.Real) or not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be a number in (0, 1), got {test_fraction!r}. Try 0.2.")
@@ -213,6 +213,33 @@ def _read_domain(domain_dir: Path) -> tuple[dict[str, dict[str, list[Path]]], bo
     return {"all": _class_images(pool)}, True
 
 
+def _find_domain_dirs(
+    spec: _FolderDomainSpec, candidates: Sequence[Path], domains: Sequence[str] | None
+) -> dict[str, Path]:
+    """Return the domain folders of the first candidate and naming that has every requested domain, else {}."""
+    for candidate in candidates:
+        for naming in spec.namings:
+            if domains is not None and not set(domains) <= set(naming):
+                continue
+            requested = _select_domains(spec.title, naming, domains)
+            present: dict[str, Path] = {}
+            for domain in requested:
+                existing = [candidate / name for name in spec.folders(domain) if (candidate / name).is_dir()]
+                if existing:
+                    present[domain] = existing[0]
+            if len(present) == len(requested):
+                return present
+    return {}
+
+
+def _check_split_arguments(test_fraction: float, seed: int) -> None:
+    """Check the seeded split's arguments even when every domain comes with its own split."""
+    if isinstance(test_fraction, bool) or not isinstance(test_fraction, numbers.Real) or not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be a number in (0, 1), got {test_fraction!r}. Try 0.2.")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}.")
+
+
 def _samples(images: Mapping[str, list[Path]], class_ids: Mapping[str, int]) -> ImageSamples:
     sources = [path for folder in sorted(images) for path in images[folder]]
     labels = [class_ids[folder] for folder in sorted(images) for _ in images[folder]]
@@ -239,27 +266,11 @@ def _load_folder_domains(
     if not root_path.exists():
         raise FileNotFoundError(f"{spec.title} root not found: {root_path}. {layout}")
 
-    # Pick the first candidate folder and naming where every requested domain has a folder.
-    candidates = _candidate_roots(_resolve_archive(root_path, cache_dir), spec.dataset_dirs)
-    all_names = [name for naming in spec.namings for name in naming]
+    _check_split_arguments(test_fraction, seed)
     if domains is not None:
-        _select_domains(spec.title, all_names, domains)
-    domain_dirs: dict[str, Path] = {}
-    for candidate in candidates:
-        for naming in spec.namings:
-            if domains is not None and not set(domains) <= set(naming):
-                continue
-            wanted = _select_domains(spec.title, naming, domains)
-            present: dict[str, Path] = {}
-            for domain in wanted:
-                existing = [candidate / name for name in spec.folders(domain) if (candidate / name).is_dir()]
-                if existing:
-                    present[domain] = existing[0]
-            if len(present) == len(wanted):
-                domain_dirs = present
-                break
-        if domain_dirs:
-            break
+        _select_domains(spec.title, [name for naming in spec.namings for name in naming], domains)
+    candidates = _candidate_roots(_resolve_archive(root_path, cache_dir), spec.dataset_dirs)
+    domain_dirs = _find_domain_dirs(spec, candidates, domains)
     if not domain_dirs:
         raise FileNotFoundError(
             f"No {spec.title} domain folders{'' if domains is None else f' for {list(domains)}'} found in any of "

@@ -86,14 +86,16 @@ def _listed_samples(
     image_root: Path, pairs: list[tuple[str, int]], listing: Path, skip_missing: bool, classnames: Sequence[str]
 ) -> ImageSamples:
     found = find_listed_images(image_root, [relpath for relpath, _ in pairs], str(listing), skip_missing)
-    kept = [pair for pair, ok in zip(pairs, found) if ok]
-    emptied = sorted({label for _, label in pairs} - {label for _, label in kept})
+    present = [pair for pair, ok in zip(pairs, found) if ok]
+    emptied = sorted({label for _, label in pairs} - {label for _, label in present})
     if emptied:
         raise ValueError(
             f"Classes {[classnames[label] for label in emptied]} listed in {listing} have no images under "
             f"{image_root}. Restore their images."
         )
-    return ImageSamples([image_root / relpath for relpath, _ in kept], np.asarray([label for _, label in kept], dtype=np.int64))
+    return ImageSamples(
+        [image_root / relpath for relpath, _ in present], np.asarray([label for _, label in present], dtype=np.int64)
+    )
 
 
 def load_pacs(
@@ -110,7 +112,7 @@ def load_pacs(
         root: PACS folder, its parent, or a ``.tar.gz`` archive (see the module docstring).
         domains: domains to load, in any order; None loads all four.
         pacs_test_split: list used as each domain's test split. ``"crossval"`` (default) is the
-            held-out 10% of the domain, disjoint from ``train_kfold``. ``"test_kfold"`` reproduces
+            held-out list (about 10% of the domain), disjoint from ``train_kfold``. ``"test_kfold"`` reproduces
             the reference code and keeps ``crossval`` as val.
         skip_missing: leave out listed images that do not exist (logged) instead of raising.
         download: must be False, because PACS is not downloaded.
@@ -141,20 +143,24 @@ def load_pacs(
     candidates = _candidate_roots(_resolve_archive(root_path, cache_dir), ("pacs", "PACS"))
     found_dirs = _find_pacs_dirs(candidates)
     if found_dirs is None:
-        raise FileNotFoundError(f"No PACS images and k-fold lists found in any of {[str(p) for p in candidates]}. {layout}")
+        searched = [str(p) for p in candidates] or [str(root_path)]
+        raise FileNotFoundError(f"No PACS images and k-fold lists found in any of {searched}. {layout}")
     image_root, list_dir = found_dirs
 
     if pacs_test_split == "test_kfold":
         # NOTE: <domain>_test_kfold.txt lists every image of the domain, train_kfold included, so this
         # test split scores training images. It exists only to reproduce the reference code's numbers.
         logger.warning(
-            "PACS is tested on test_kfold, which contains every train_kfold image: test scores include training images"
+            "PACS is tested on test_kfold, which contains every train_kfold image, so test scores include "
+            "training images"
         )
     list_names = {"train": "train", "test": pacs_test_split.removesuffix("_kfold")}
     if pacs_test_split == "test_kfold":
         list_names["val"] = "crossval"
     lists = {
-        (domain, split): list_dir / f"{domain}_{name}_kfold.txt" for domain in selected for split, name in list_names.items()
+        (domain, split): list_dir / f"{domain}_{name}_kfold.txt"
+        for domain in selected
+        for split, name in list_names.items()
     }
     entries = {key: _read_pacs_list(path) for key, path in lists.items()}
     classnames = _pacs_classnames({lists[key]: pairs for key, pairs in entries.items()})

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPModel, CLIPTokenizer
 
-from fl2ora.config import ConfigError
+from fl2ora.errors import ConfigError
 from fl2ora.model.text_encoder import (
     TextFeatureCache,
     embed_class_prompts,
@@ -93,7 +93,7 @@ def _resolve_context(
 
 
 class PromptLearnerClassifier(nn.Module):
-    """CLIP with learned context vectors in every class prompt (CoOp; PromptFL; KgCoOp).
+    """CLIP with learned context vectors in every class prompt (CoOp, PromptFL, KgCoOp).
 
     The prompts are built as CoOp builds them: ``"X X .. X {classname}."`` (or the
     initial phrase in place of the X's) is tokenized without a template, and the
@@ -103,7 +103,7 @@ class PromptLearnerClassifier(nn.Module):
     :class:`fl2ora.model.zero_shot.ZeroShotClassifier`.
 
     Args:
-        clip: the CLIP model; frozen in place.
+        clip: the CLIP model, frozen in place.
         tokenizer: CLIP tokenizer.
         classnames: readable class names, C of them.
         settings: context size, sharing, initialisation and KgCoOp weight.

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPModel, CLIPTokenizer
 
-from fl2ora.config import ConfigError
+from fl2ora.errors import ConfigError
 from fl2ora.model.text_encoder import (
     TextFeatureCache,
     embed_class_prompts,
@@ -44,8 +44,8 @@ class MaPLeSettings:
     n_ctx: int = 2
     """Prompt tokens per block and per encoder."""
     depth: int = 9
-    """Prompt depth J: blocks 0 .. J-1 of both encoders get prompts; at most the
-    number of blocks of each encoder."""
+    """Prompt depth J: blocks 0 .. J-1 of both encoders get prompts. J must not exceed
+    either encoder's number of blocks."""
     init: str = "a photo of a"
     """``random`` (normal, std 0.02) or a phrase. As in MaPLe, the first n_ctx tokens
     of the phrase initialise the context vectors and the phrase's remaining tokens
@@ -56,7 +56,7 @@ class MaPLeSettings:
         if self.n_ctx < 1:
             raise ConfigError(f"maple.n_ctx must be >= 1, got {self.n_ctx!r}. MaPLe uses 2.")
         if self.depth < 1:
-            raise ConfigError(f"maple.depth must be >= 1, got {self.depth!r}. MaPLe uses 9; 1 is shallow prompting.")
+            raise ConfigError(f"maple.depth must be >= 1, got {self.depth!r}. MaPLe uses 9, and 1 puts prompts in block 0 only.")
         if not self.init.strip():
             raise ConfigError("maple.init must be 'random' or a non-empty phrase such as 'a photo of a', got ''.")
 
@@ -81,7 +81,7 @@ class MaPLeClassifier(nn.Module):
     :class:`fl2ora.model.zero_shot.ZeroShotClassifier`.
 
     Args:
-        clip: the CLIP model; frozen in place.
+        clip: the CLIP model, frozen in place.
         tokenizer: CLIP tokenizer.
         classnames: readable class names, C of them.
         settings: prompt length, depth and initialisation.
@@ -130,8 +130,8 @@ class MaPLeClassifier(nn.Module):
         else:
             context_text = settings.init.replace("_", " ")
             phrase_vectors = embed_phrase(clip.text_model, tokenizer, context_text)  # (T, W_text)
-            # NOTE: MaPLe's code silently falls back to random vectors when n_ctx > 4; here a
-            # phrase must simply have at least n_ctx tokens.
+            # NOTE: MaPLe's code silently falls back to random vectors when n_ctx > 4. Here the
+            # phrase is always used and must have at least n_ctx tokens.
             if phrase_vectors.shape[0] < n_ctx:
                 raise ConfigError(
                     f"maple.init={settings.init!r} has {phrase_vectors.shape[0]} tokens, fewer than "

@@ -53,7 +53,7 @@ def encode_text_from_embeddings(
     ``final_layer_norm`` and take the features at each end-of-text token. The blocks
     run one at a time so that, before block ``i`` (1 <= i <= len(deep_prompts)), the
     n_ctx tokens from ``prompt_start`` on are replaced by ``deep_prompts[i - 1]``
-    (MaPLe's deep text prompts). Block 0 sees ``inputs_embeds`` unchanged.
+    (MaPLe's deep text prompts). Block 0 receives ``inputs_embeds`` unchanged.
 
     Args:
         text_model: the CLIP text encoder (``clip.text_model``).
@@ -71,7 +71,7 @@ def encode_text_from_embeddings(
 
     Raises:
         ValueError: on inconsistent shapes, positions outside the sequence, or more
-            deep prompts than blocks 1 to L-1.
+            deep prompts than the encoder has blocks after block 0.
     """
     if inputs_embeds.dim() != 3:
         raise ValueError(f"inputs_embeds must be (B, L, W), got shape {tuple(inputs_embeds.shape)}.")
@@ -135,7 +135,7 @@ def encode_image_with_prompts(
 
     Raises:
         ValueError: on deep prompts without a shallow prompt, wrong prompt shapes,
-            or more deep prompts than blocks 1 to L-1.
+            or more deep prompts than the encoder has blocks after block 0.
     """
     deep_prompts = list(deep_prompts or [])
     layers = vision_model.encoder.layers

@@ -1,0 +1,124 @@
+"""Sweeps and comparison tables."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from fl2ora.compare import comparison_rows, read_run, write_comparison
+from fl2ora.config import ConfigError, config_to_dict, load_config
+from fl2ora.sweep import parse_grid, plan_sweep, run_sweep
+from test_cli import REPO
+
+
+def test_parse_grid_reads_yaml_values():
+    grid = parse_grid(["lora.rank=1,2", "method=fl2ora,coop", "lora.layers=[0,1],all", "eval.calibration=standard"])
+    assert grid == {
+        "lora.rank": [1, 2],
+        "method": ["fl2ora", "coop"],
+        "lora.layers": [[0, 1], "all"],
+        "eval.calibration": ["standard"],
+    }
+
+
+@pytest.mark.parametrize(
+    ("items", "match"),
+    [(["lora.rank"], "key=v1,v2"), (["=1,2"], "key=v1,v2"), (["lora.rank="], "key=v1,v2"), (["seed=1", "seed=2"], "given twice")],
+)
+def test_parse_grid_invalid(items, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_grid(items)
+
+
+def test_plan_rejects_invalid_cell_before_running(tmp_path):
+    base = config_to_dict(load_config(REPO / "configs" / "quickstart.yaml"))
+    with pytest.raises(ConfigError, match=r"Sweep cell \{'lora.rank': 0\} is invalid: lora.rank must be >= 1"):
+        plan_sweep(base, {"lora.rank": [2, 0]}, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def write_fake_run(path, config, metrics, random_init=True):
+    import yaml
+
+    path.mkdir(parents=True)
+    (path / "config.yaml").write_text(yaml.safe_dump(config))
+    (path / "summary.json").write_text(json.dumps({"final": {"mean": metrics}, "random_init": random_init}))
+
+
+def test_comparison_groups_seeds_and_marks_best(tmp_path):
+    runs = []
+    values = {("a", 0): (0.5, 0.10), ("a", 1): (0.7, 0.20), ("b", 0): (0.55, 0.05), ("b", 1): (0.55, 0.07)}
+    for (method, seed), (accuracy, ece) in values.items():
+        path = tmp_path / f"{method}{seed}"
+        metrics = {"accuracy": accuracy, "ece": ece, "mce": 2 * ece, "ace": ece + 0.01}
+        write_fake_run(path, {"method": method, "seed": seed, "name": "x"}, metrics)
+        runs.append(read_run(path))
+    rows = write_comparison(runs, tmp_path / "out")
+    by_method = {row["label"]["method"]: row for row in rows}
+    assert by_method["a"]["accuracy"] == pytest.approx(np.mean([0.5, 0.7]))
+    assert by_method["a"]["accuracy_std"] == pytest.approx(np.std([0.5, 0.7]))
+    assert by_method["b"]["ece"] == pytest.approx(0.06)
+    assert by_method["a"]["runs"] == 2
+
+    markdown = (tmp_path / "out" / "comparison.md").read_text()
+    assert "| a | 2 | **60.00 ± 10.00** | 15.00 ± 5.00 |" in markdown  # a has the highest accuracy
+    assert "**6.00 ± 1.00**" in markdown  # b has the lowest ECE
+    assert "pipeline check" in markdown
+    with (tmp_path / "out" / "comparison.csv").open() as stream:
+        table = list(csv.DictReader(stream))
+    best = {row["method"]: row["best_ece"] for row in table}
+    assert best == {"a": "0", "b": "1"}
+    assert (tmp_path / "out" / "ece_vs_accuracy.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_read_run_rejects_unfinished(tmp_path):
+    (tmp_path / "config.yaml").write_text("name: x\n")
+    with pytest.raises(FileNotFoundError, match="summary.json is missing"):
+        read_run(tmp_path)
+
+
+@pytest.mark.slow
+def test_full_grid_sweep_on_real_cifar10(cifar10_archive, tmp_path):
+    base = config_to_dict(
+        load_config(
+            REPO / "configs" / "quickstart.yaml",
+            [
+                f"data.root={cifar10_archive}",
+                "data.max_train_per_class=8",
+                "data.max_test_per_class=4",
+                "partition.num_clients=3",
+                "partition.min_samples=2",
+                "federated.rounds=1",
+                "federated.fraction=1.0",
+                "maple.depth=2",
+            ],
+        )
+    )
+    grid = parse_grid(
+        [
+            "method=zeroshot,fl2ora,coop,kgcoop,maple,layernorm,bitfit,full",
+            "loss.name=none,dca,mdca",
+            "federated.aggregation=fedavg,fedprox,feddyn,fednova",
+        ]
+    )
+    rows = run_sweep(base, grid, tmp_path)
+    assert len(rows) == 8 * 3 * 4
+    cells = [path for path in tmp_path.iterdir() if path.is_dir()]
+    assert len(cells) == 96
+    for cell in cells:
+        for name in ("config.yaml", "metrics.jsonl", "summary.json", "predictions.npz", "reliability.png", "adapter.safetensors", "run.log"):
+            assert (cell / name).is_file(), f"{cell.name}/{name}"
+
+    with (tmp_path / "comparison.csv").open() as stream:
+        table = list(csv.DictReader(stream))
+    assert len(table) == 96
+    accuracies = [float(row["accuracy"]) for row in table]
+    assert all(0.0 <= value <= 1.0 for value in accuracies)
+    assert {row["best_accuracy"] for row in table if float(row["accuracy"]) == max(accuracies)} == {"1"}
+    assert (tmp_path / "ece_vs_accuracy.png").is_file()
+
+    # A second sweep finds every cell complete and runs nothing.
+    stamps = {cell: (cell / "summary.json").stat().st_mtime_ns for cell in cells}
+    run_sweep(base, grid, tmp_path)
+    assert stamps == {cell: (cell / "summary.json").stat().st_mtime_ns for cell in cells}
