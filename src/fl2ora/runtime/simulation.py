@@ -8,20 +8,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
-from fl2ora.config import config_to_dict
-from fl2ora.evaluation.evaluate import evaluate_clients, last_rounds_statistics, predict_probabilities
-from fl2ora.evaluation.posthoc import temperature_scaling_report
-from fl2ora.evaluation.reliability import plot_reliability_diagram
+from fl2ora.evaluation.evaluate import evaluate_clients, predict_probabilities
 from fl2ora.experiment import Experiment
 from fl2ora.federated.algorithm import FederatedAlgorithm
 from fl2ora.federated.client import client_update
 from fl2ora.federated.sampling import client_seed, sample_clients
-from fl2ora.model.trainable import load_trainable_state_dict, save_adapter, state_nbytes, trainable_state_dict
-from fl2ora.report import reliability_title
-from fl2ora.rundir import ADAPTER_FILE, RELIABILITY_FILE, RunDirectory
+from fl2ora.model.trainable import load_trainable_state_dict, state_nbytes, trainable_state_dict
+from fl2ora.rundir import RunDirectory
+from fl2ora.runtime.outputs import write_final_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -187,62 +183,14 @@ def run_simulation(experiment: Experiment, run_dir: RunDirectory) -> dict[str, A
         record["seconds_round"] = time.perf_counter() - round_start
         run_dir.append_metrics(record)
 
-    global_state = state.global_state
-    history = state.history
-    bytes_per_round = state.bytes_per_round
-
-    # Final outputs: adapter, per-sample predictions, reliability diagram, summary.
-    final = history[-1]
-    save_adapter(
-        global_state,
-        run_dir.file(ADAPTER_FILE),
-        {"config": config_to_dict(config), "backbone": experiment.backbone.description, "round": final["round"]},
+    return write_final_outputs(
+        experiment,
+        run_dir,
+        global_state=state.global_state,
+        history=state.history,
+        bytes_per_round=state.bytes_per_round,
+        probs=probs,
+        total_rounds=total_rounds,
+        runtime="simulation",
+        wall_time_seconds=time.perf_counter() - started,
     )
-    client_of_row = np.empty(len(experiment.eval_labels), dtype=np.int64)
-    for client_id, rows in enumerate(experiment.client_eval_rows):
-        client_of_row[rows] = client_id
-    run_dir.write_predictions(client_of_row, experiment.eval_indices, experiment.eval_labels, probs)
-    plot_reliability_diagram(
-        torch.as_tensor(probs),
-        torch.as_tensor(experiment.eval_labels),
-        run_dir.file(RELIABILITY_FILE),
-        n_bins=config.eval.n_bins,
-        title=reliability_title(final["pooled"]["ece"], final["round"], experiment.backbone.random_init, config.eval.calibration),
-    )
-
-    summary = {
-        "name": config.name,
-        "method": config.method,
-        "aggregation": config.federated.aggregation,
-        "loss": config.loss.name,
-        "runtime": "simulation",
-        "backbone": experiment.backbone.description,
-        "random_init": experiment.backbone.random_init,
-        "calibration_definition": config.eval.calibration,
-        "num_clients": experiment.num_clients,
-        "rounds": total_rounds,
-        "final": {"round": final["round"], "mean": final["mean"], "pooled": final["pooled"]},
-        "last_rounds": last_rounds_statistics(history, config.eval.last_rounds),
-        "trainable_parameters": experiment.trainable_parameters,
-        "bytes_per_round": bytes_per_round,
-        "wall_time_seconds": time.perf_counter() - started,
-    }
-    if config.temperature.mode != "none":
-        val_probs = predict_probabilities(
-            experiment.model, experiment.val_dataset, config.eval.batch_size, experiment.device, config.model.precision
-        )
-        summary["temperature_scaling"] = temperature_scaling_report(
-            config.temperature.mode,
-            val_probs,
-            experiment.val_labels,
-            experiment.client_val_rows,
-            probs,
-            experiment.eval_labels,
-            experiment.client_eval_rows,
-            config.eval.n_bins,
-            config.eval.calibration,
-        )
-    if experiment.backbone.random_init:
-        summary["warning"] = experiment.backbone.description["warning"]
-    run_dir.write_summary(summary)
-    return summary
