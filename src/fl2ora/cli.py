@@ -9,12 +9,17 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from fl2ora.config import ConfigError, config_to_dict, load_config
+from fl2ora.runtime.checkpoint import CheckpointError
 
 logger = logging.getLogger("fl2ora")
 
@@ -24,7 +29,18 @@ def _build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run one federated experiment from a YAML configuration")
-    run.add_argument("config", help="YAML configuration file, e.g. configs/quickstart.yaml")
+    run.add_argument("config", nargs="?", help="YAML configuration file, e.g. configs/quickstart.yaml")
+    run.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue a stopped run from its last checkpoint (its saved configuration is used)",
+    )
+    run.add_argument(
+        "--allow-change",
+        default="",
+        metavar="KEY[,KEY]",
+        help="with --resume: configuration keys that --set may change, e.g. eval.every",
+    )
     run.add_argument(
         "--set",
         dest="overrides",
@@ -70,15 +86,56 @@ def _configure_logging(quiet: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+@contextlib.contextmanager
+def _interrupt_on_sigint() -> Iterator[Any]:
+    """Turn the first Ctrl-C into a request to stop at the next safe point; a second one stops at once."""
+    from fl2ora.runtime.simulation import InterruptFlag
+
+    flag = InterruptFlag()
+
+    def handle(signum: int, frame: Any) -> None:
+        if flag.requested:
+            raise KeyboardInterrupt
+        flag.set()
+        print("\nfl2ora: stopping at the next safe point (Ctrl-C again to stop at once)", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, handle)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _command_run(args: argparse.Namespace) -> int:
     # Imported here so that `fl2ora --help` and config errors stay fast.
     from fl2ora.report import format_results_table
-    from fl2ora.runner import run_experiment
+    from fl2ora.runner import resume_experiment, run_experiment
+    from fl2ora.runtime.simulation import RunInterrupted
 
-    config = load_config(args.config, args.overrides)
-    output = Path(args.output) if args.output else Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.resume and args.config:
+        raise ConfigError("Give either a CONFIG to start a run or --resume RUN_DIR to continue one, not both.")
+    if not args.resume and not args.config:
+        raise ConfigError("Missing CONFIG: fl2ora run CONFIG, or fl2ora run --resume RUN_DIR to continue a run.")
+    if args.resume:
+        output = Path(args.resume)
+    else:
+        config = load_config(args.config, args.overrides)
+        output = Path(args.output) if args.output else Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     _configure_logging(args.quiet)
-    summary = run_experiment(config, output, overwrite=args.overwrite)
+    try:
+        with _interrupt_on_sigint() as flag:
+            if args.resume:
+                allowed = [key for key in args.allow_change.split(",") if key]
+                summary = resume_experiment(output, args.overrides, allowed, interrupt=flag)
+            else:
+                summary = run_experiment(config, output, overwrite=args.overwrite, interrupt=flag)
+    except RunInterrupted as stop:
+        print(
+            f"fl2ora: interrupted during round {stop.round_index}; {output} holds the checkpoint after round "
+            f"{stop.round_index - 1}. Continue with: fl2ora run --resume {output}",
+            file=sys.stderr,
+        )
+        return 130
     print(format_results_table(summary))
     print(f"Run directory: {output}")
     return 0
@@ -117,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             return _command_sweep(args)
         if args.command == "compare":
             return _command_compare(args)
-    except (ConfigError, FileNotFoundError, FileExistsError) as error:
+    except (ConfigError, CheckpointError, FileNotFoundError, FileExistsError) as error:
         print(f"fl2ora: error: {error}", file=sys.stderr)
         return 2
     return 1

@@ -24,6 +24,7 @@ RELIABILITY_FILE = "reliability.png"
 ADAPTER_FILE = "adapter.safetensors"
 PARTITION_FILE = "partition.json"
 LOG_FILE = "run.log"
+TIMINGS_FILE = "timings.jsonl"
 
 
 def _jsonable(value: Any) -> Any:
@@ -53,14 +54,21 @@ class RunDirectory:
         path: the folder; created when missing.
         overwrite: allow a folder that already holds a finished run (its files are
             removed first). Without it such a folder is rejected.
+        resume: open an existing run directory to continue it, keeping its files.
 
     Raises:
         FileExistsError: when ``path`` holds a finished run and ``overwrite`` is false,
             or is a non-empty folder that is not a run directory.
     """
 
-    def __init__(self, path: str | Path, overwrite: bool = False) -> None:
+    def __init__(self, path: str | Path, overwrite: bool = False, resume: bool = False) -> None:
         self.path = Path(path)
+        if resume:
+            if not (self.path / CONFIG_FILE).is_file():
+                raise FileNotFoundError(
+                    f"Cannot resume {str(self.path)!r}: it holds no {CONFIG_FILE}, so it is not an fl2ora run directory."
+                )
+            return
         if self.path.exists() and any(self.path.iterdir()):
             finished = (self.path / SUMMARY_FILE).exists()
             is_run = (self.path / CONFIG_FILE).exists()
@@ -92,6 +100,22 @@ class RunDirectory:
             stream.flush()
             os.fsync(stream.fileno())
 
+    def append_timings(self, record: Mapping[str, Any]) -> None:
+        """Append one round's wall-clock timings; kept apart so that ``metrics.jsonl`` is reproducible."""
+        with self.file(TIMINGS_FILE).open("a") as stream:
+            stream.write(json.dumps(_jsonable(record), allow_nan=False) + "\n")
+
+    def truncate_records(self, last_round: int) -> None:
+        """Drop metrics and timings records of rounds after ``last_round`` (a resumed run redoes them)."""
+        for name in (METRICS_FILE, TIMINGS_FILE):
+            path = self.file(name)
+            if not path.exists():
+                continue
+            kept = [line for line in path.read_text().splitlines() if line.strip() and _record_round(line) <= last_round]
+            temporary = path.with_suffix(path.suffix + ".tmp")
+            temporary.write_text("".join(line + "\n" for line in kept))
+            os.replace(temporary, path)
+
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         write_json_atomic(self.file(SUMMARY_FILE), summary)
 
@@ -106,6 +130,14 @@ class RunDirectory:
             label=labels.astype(np.int64),
             probs=probs.astype(np.float32),
         )
+
+
+def _record_round(line: str) -> int:
+    try:
+        return int(json.loads(line)["round"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        # A line cut short by a crash belongs to a round that did not complete.
+        return 1 << 62
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -35,7 +35,60 @@ def log_to_file(path: Path) -> Iterator[None]:
         handler.close()
 
 
-def run_experiment(config: RunConfig, output: str | Path, overwrite: bool = False) -> dict[str, Any]:
+def _differing_keys(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    from fl2ora.compare import flatten
+
+    saved_flat, current_flat = flatten(saved), flatten(current)
+    return sorted(k for k in set(saved_flat) | set(current_flat) if saved_flat.get(k) != current_flat.get(k))
+
+
+def resume_experiment(
+    output: str | Path,
+    overrides: list[str] | None = None,
+    allow_changes: list[str] | None = None,
+    interrupt: Any = None,
+) -> dict[str, Any]:
+    """Continue a stopped run from its last checkpoint and finish it.
+
+    The configuration is read from the run directory. Overrides may change only the
+    keys listed in ``allow_changes``; any other difference is rejected, because the
+    resumed rounds would no longer continue the same run.
+
+    Raises:
+        ConfigError: naming the keys that differ from the saved configuration.
+        CheckpointError: when the checkpoint is missing, corrupt or does not fit.
+        FileExistsError: when the run already finished.
+    """
+    import yaml
+
+    from fl2ora.config import ConfigError, apply_overrides, config_from_dict
+    from fl2ora.experiment import build_experiment
+    from fl2ora.rundir import CONFIG_FILE, SUMMARY_FILE
+    from fl2ora.runtime.checkpoint import load_checkpoint
+    from fl2ora.runtime.simulation import run_simulation
+
+    run_dir = RunDirectory(output, resume=True)
+    if run_dir.file(SUMMARY_FILE).exists():
+        raise FileExistsError(f"Run {str(run_dir.path)!r} already finished; there is nothing to resume.")
+    saved = yaml.safe_load(run_dir.file(CONFIG_FILE).read_text())
+    config = config_from_dict(apply_overrides(saved, overrides or []))
+    changed = [key for key in _differing_keys(saved, config_to_dict(config)) if key not in (allow_changes or [])]
+    if changed:
+        raise ConfigError(
+            f"Resuming with a changed configuration: {changed} differ from the saved run. "
+            f"Drop those overrides, or allow them with --allow-change {','.join(changed)}."
+        )
+    checkpoint = load_checkpoint(run_dir.path)
+    with log_to_file(run_dir.file(LOG_FILE)):
+        logger.info("Resuming %s after round %d", run_dir.path, checkpoint.round)
+        run_dir.write_config(config_to_dict(config))
+        experiment = build_experiment(config)
+        return run_simulation(experiment, run_dir, resume=checkpoint, interrupt=interrupt)
+
+
+def run_experiment(
+    config: RunConfig, output: str | Path, overwrite: bool = False, interrupt: Any = None
+) -> dict[str, Any]:
     """Build the experiment of ``config``, run it in process and fill ``output``.
 
     Returns:
@@ -55,4 +108,4 @@ def run_experiment(config: RunConfig, output: str | Path, overwrite: bool = Fals
         logger.info("Run directory %s; configuration: %s", run_dir.path, resolved)
         experiment = build_experiment(config)
         run_dir.write_partition(experiment.class_counts)
-        return run_simulation(experiment, run_dir)
+        return run_simulation(experiment, run_dir, interrupt=interrupt)

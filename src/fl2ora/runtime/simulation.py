@@ -16,7 +16,10 @@ from fl2ora.federated.algorithm import FederatedAlgorithm
 from fl2ora.federated.client import client_update
 from fl2ora.federated.sampling import client_seed, sample_clients
 from fl2ora.model.trainable import load_trainable_state_dict, state_nbytes, trainable_state_dict
+from fl2ora.config import config_to_dict
 from fl2ora.rundir import RunDirectory
+from fl2ora.runtime.checkpoint import Checkpoint, check_tensors_match, save_checkpoint
+from fl2ora.runtime.faults import fault_point, set_round
 from fl2ora.runtime.outputs import write_final_outputs
 
 logger = logging.getLogger(__name__)
@@ -62,7 +65,30 @@ def make_algorithm(experiment: Experiment) -> FederatedAlgorithm:
     )
 
 
-def run_round(experiment: Experiment, algorithm: FederatedAlgorithm, state: SimulationState) -> dict[str, Any]:
+class RunInterrupted(Exception):
+    """The user interrupted the run; the last completed round's checkpoint is valid."""
+
+    def __init__(self, round_index: int) -> None:
+        super().__init__(f"interrupted during round {round_index}")
+        self.round_index = round_index
+
+
+class InterruptFlag:
+    """Set by a signal handler, polled by the round loop between client updates."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def set(self) -> None:
+        self.requested = True
+
+
+def run_round(
+    experiment: Experiment,
+    algorithm: FederatedAlgorithm,
+    state: SimulationState,
+    interrupt: InterruptFlag | None = None,
+) -> dict[str, Any]:
     """Train the sampled clients of the next round and aggregate their updates into ``state``.
 
     Updates whose loss became non-finite are dropped; when no valid update is left,
@@ -85,8 +111,11 @@ def run_round(experiment: Experiment, algorithm: FederatedAlgorithm, state: Simu
 
     # Local training: each client starts from the same global state.
     updates = []
+    client_states = dict(state.client_states)  # committed to ``state`` only when the round completes
     for client_id in tqdm(sampled, desc=f"round {round_index} clients", unit="client", leave=False, disable=None):
-        client_state = state.client_states.get(client_id)
+        if interrupt is not None and interrupt.requested:
+            raise RunInterrupted(round_index)
+        client_state = client_states.get(client_id)
         if client_state is None:
             client_state = algorithm.init_client_state(state.global_state)
         update = client_update(
@@ -105,12 +134,17 @@ def run_round(experiment: Experiment, algorithm: FederatedAlgorithm, state: Simu
             updates.append(update)
             new_client_state = algorithm.update_client_state(client_state, update, state.global_state)
             if new_client_state is not None:
-                state.client_states[client_id] = new_client_state
+                client_states[client_id] = new_client_state
+        fault_point("train")
     train_seconds = time.perf_counter() - round_start
+    if interrupt is not None and interrupt.requested:
+        raise RunInterrupted(round_index)
 
     # Aggregation over the valid updates.
     aggregate_start = time.perf_counter()
     dropped = sorted(set(sampled) - {u.client_id for u in updates})
+    fault_point("aggregate")
+    state.client_states = client_states
     if updates:
         state.global_state, state.server_state = algorithm.aggregate(state.global_state, updates, state.server_state)
     else:
@@ -140,13 +174,50 @@ def _log_scores(round_index: int, mean: dict[str, float]) -> None:
     )
 
 
-def run_simulation(experiment: Experiment, run_dir: RunDirectory) -> dict[str, Any]:
+def _initial_state(experiment: Experiment, algorithm: FederatedAlgorithm, resume: Checkpoint | None) -> SimulationState:
+    """Start from the model's trainable state, or from a checkpoint after checking it fits the model."""
+    initial = trainable_state_dict(experiment.model)
+    if resume is None:
+        return SimulationState(
+            round=0, global_state=initial, server_state=algorithm.init_server_state(initial), client_states={}
+        )
+    check_tensors_match(resume.global_state, initial, "global state")
+    if resume.server_state is not None:
+        check_tensors_match(resume.server_state.h, initial, "server state")
+    for client_id, client_state in resume.client_states.items():
+        check_tensors_match(client_state.gradient, initial, f"state of client {client_id}")
+    logger.info("Resuming after round %d", resume.round)
+    return SimulationState(
+        round=resume.round,
+        global_state=resume.global_state,
+        server_state=resume.server_state,
+        client_states=dict(resume.client_states),
+        history=list(resume.history),
+        bytes_per_round=list(resume.bytes_per_round),
+    )
+
+
+def run_simulation(
+    experiment: Experiment,
+    run_dir: RunDirectory,
+    resume: Checkpoint | None = None,
+    interrupt: InterruptFlag | None = None,
+) -> dict[str, Any]:
     """Run every round in this process and write the run directory.
 
     Each round samples clients, trains each from the current global state, combines
     their states with the configured aggregation rule, and on evaluation rounds
     loads the new global state before scoring every client's local test split. A
     method without trainable parameters (zero-shot CLIP) is evaluated once, as round 0.
+    After every round the metrics record is appended and a checkpoint is written,
+    so ``resume`` continues a stopped run and finishes with the same outputs.
+
+    Args:
+        resume: checkpoint to continue from; its metrics records past its round are
+            removed from ``metrics.jsonl`` first.
+        interrupt: polled between clients; when set, the round in progress is
+            abandoned and :class:`RunInterrupted` is raised (the checkpoint of the
+            last completed round stays valid).
 
     Returns:
         The summary written to ``summary.json``.
@@ -154,35 +225,60 @@ def run_simulation(experiment: Experiment, run_dir: RunDirectory) -> dict[str, A
     config = experiment.config
     started = time.perf_counter()
     algorithm = make_algorithm(experiment)
-    global_state = trainable_state_dict(experiment.model)
-    state = SimulationState(
-        round=0, global_state=global_state, server_state=algorithm.init_server_state(global_state), client_states={}
-    )
+    state = _initial_state(experiment, algorithm, resume)
+    previous_seconds = resume.wall_time_seconds if resume else 0.0
+    if resume is not None:
+        run_dir.truncate_records(resume.round)
+
+    def save(round_seconds: float) -> None:
+        save_checkpoint(
+            run_dir.path,
+            Checkpoint(
+                round=state.round,
+                global_state=state.global_state,
+                server_state=state.server_state,
+                client_states=state.client_states,
+                history=state.history,
+                bytes_per_round=state.bytes_per_round,
+                wall_time_seconds=previous_seconds + round_seconds,
+                config=config_to_dict(config),
+            ),
+        )
+
     probs = None
-    total_rounds = config.federated.rounds if global_state else 0
-    if not global_state:
+    total_rounds = config.federated.rounds if state.global_state else 0
+    if not state.global_state:
         logger.warning("Method %s has no trainable parameters: evaluating once, without training", config.method)
-        scores, probs = _evaluate(experiment, global_state)
+        scores, probs = _evaluate(experiment, state.global_state)
         record = {"round": 0, "clients_trained": [], **scores}
         _log_scores(0, scores["mean"])
-        state.history.append(record)
+        state.history = [record]
+        run_dir.truncate_records(-1)
         run_dir.append_metrics(record)
 
-    rounds = tqdm(range(1, total_rounds + 1), desc="rounds", unit="round", disable=None)
+    rounds = tqdm(range(state.round + 1, total_rounds + 1), desc="rounds", unit="round", disable=None)
     for round_index in rounds:
+        set_round(round_index)
         round_start = time.perf_counter()
-        record = run_round(experiment, algorithm, state)
+        record = run_round(experiment, algorithm, state, interrupt)
+        timings = {"round": round_index, "seconds_train": record.pop("seconds_train"),
+                   "seconds_aggregate": record.pop("seconds_aggregate")}
         if round_index % config.eval.every == 0 or round_index == total_rounds:
             eval_start = time.perf_counter()
             scores, probs = _evaluate(experiment, state.global_state)
             record.update(scores)
-            record["seconds_eval"] = time.perf_counter() - eval_start
+            timings["seconds_eval"] = time.perf_counter() - eval_start
             state.history.append(record)
             _log_scores(round_index, scores["mean"])
             rounds.set_postfix(acc=f"{100 * scores['mean']['accuracy']:.1f}%", ece=f"{100 * scores['mean']['ece']:.1f}%")
-        record["seconds_round"] = time.perf_counter() - round_start
+        timings["seconds_round"] = time.perf_counter() - round_start
         run_dir.append_metrics(record)
+        run_dir.append_timings(timings)
+        save(time.perf_counter() - started)
 
+    if probs is None:
+        # Resumed after the last round's checkpoint: score the final model again.
+        _, probs = _evaluate(experiment, state.global_state)
     return write_final_outputs(
         experiment,
         run_dir,
@@ -192,5 +288,5 @@ def run_simulation(experiment: Experiment, run_dir: RunDirectory) -> dict[str, A
         probs=probs,
         total_rounds=total_rounds,
         runtime="simulation",
-        wall_time_seconds=time.perf_counter() - started,
+        wall_time_seconds=previous_seconds + time.perf_counter() - started,
     )
