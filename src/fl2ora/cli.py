@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from fl2ora.config import ConfigError, config_to_dict, load_config
-from fl2ora.runtime.checkpoint import CheckpointError
 
 logger = logging.getLogger("fl2ora")
 
@@ -75,10 +74,13 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _configure_logging(quiet: bool) -> None:
-    formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
     root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, "fl2ora_console", False)]:
+        root.removeHandler(handler)
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
     root.setLevel(logging.INFO)
     console = logging.StreamHandler(sys.stderr)
+    console.fl2ora_console = True  # type: ignore[attr-defined]
     console.setLevel(logging.WARNING if quiet else logging.INFO)
     console.setFormatter(formatter)
     root.addHandler(console)
@@ -174,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
             return _command_sweep(args)
         if args.command == "compare":
             return _command_compare(args)
-    except (ConfigError, CheckpointError, FileNotFoundError, FileExistsError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        # ConfigError and CheckpointError are ValueErrors; the data, partition and
+        # training code raise ValueError with a message that names the fix.
         print(f"fl2ora: error: {error}", file=sys.stderr)
         return 2
     return 1

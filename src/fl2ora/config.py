@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -121,6 +122,9 @@ class DataConfig:
     """Random resized crop and horizontal flip on training images."""
     num_workers: int = 0
     """DataLoader worker processes."""
+    bad_images: Literal["error", "skip"] = "error"
+    """What to do with image files that cannot be decoded (checked before the first
+    round): stop with an error naming them, or leave them out and log their count."""
 
     def __post_init__(self) -> None:
         for key in ("max_train_per_class", "max_test_per_class"):
@@ -208,8 +212,8 @@ class TrainConfig:
     """Passes over the client's training split per round."""
 
     def __post_init__(self) -> None:
-        if not self.lr > 0:
-            raise ConfigError(f"train.lr must be > 0, got {self.lr!r}. The study uses 0.001.")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"train.lr must be a finite number > 0, got {self.lr!r}. The study uses 0.001.")
         if self.batch_size < 1:
             raise ConfigError(f"train.batch_size must be >= 1, got {self.batch_size!r}.")
         if self.local_epochs < 1:
@@ -327,6 +331,10 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     temperature: TemperatureConfig = field(default_factory=TemperatureConfig)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed must be in [0, 2**32), got {self.seed!r}.")
 
 
 def _type_name(annotation: Any) -> str:

@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 
 from fl2ora.config import ConfigError, RunConfig
 from fl2ora.data import ImageClassificationData, clip_transforms, load_dataset, partition, subsample_per_class
+from fl2ora.data.validation import drop_unreadable
 from fl2ora.methods.lora import count_trainable
 from fl2ora.methods.registry import build_classifier
 from fl2ora.model.backbone import Backbone, load_backbone
@@ -115,6 +116,8 @@ def build_experiment(config: RunConfig) -> Experiment:
     data = _load_dataset_cached(config.data.dataset, config.data.root, config.data.download)
     train_pool = _subsample(data.train.labels, config.data.max_train_per_class, config.seed)
     test_pool = _subsample(data.test.labels, config.data.max_test_per_class, config.seed + 1)
+    train_pool = drop_unreadable(data.train, train_pool, config.data.bad_images, "training")
+    test_pool = drop_unreadable(data.test, test_pool, config.data.bad_images, "test")
     train_labels = data.train.labels[train_pool]
     test_labels = data.test.labels[test_pool]
 

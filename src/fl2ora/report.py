@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fl2ora.model.backbone import RANDOM_INIT_WARNING
+from fl2ora.notices import RANDOM_INIT_WARNING, REFERENCE_LABEL
 
 _COLUMNS = [
     ("accuracy", "Acc"),
@@ -16,8 +16,6 @@ _COLUMNS = [
     ("confidence", "Conf"),
 ]
 _RAW_COLUMNS = [("nll", "NLL"), ("brier", "Brier")]
-
-REFERENCE_LABEL = "ECE/MCE use the reference code's non-standard definition"
 
 
 def reliability_title(ece: float, round_index: int, random_init: bool, calibration: str) -> str:
@@ -56,7 +54,11 @@ def format_results_table(summary: dict[str, Any]) -> str:
     rows = [
         row(f"round {final['round']}, client mean", final["mean"]),
         row(f"round {final['round']}, pooled", final["pooled"]),
-        row(f"last {len(last['rounds'])} rounds, client mean", last["mean"], last["std"]),
+        row(
+            "last round, client mean" if len(last["rounds"]) == 1 else f"last {len(last['rounds'])} rounds, client mean",
+            last["mean"],
+            last["std"],
+        ),
     ]
     scaling = summary.get("temperature_scaling")
     if scaling:

@@ -24,6 +24,8 @@ RELIABILITY_FILE = "reliability.png"
 ADAPTER_FILE = "adapter.safetensors"
 PARTITION_FILE = "partition.json"
 LOG_FILE = "run.log"
+MARKER_FILE = ".fl2ora-run"
+"""Written first into every run directory; only folders holding it may be overwritten."""
 TIMINGS_FILE = "timings.jsonl"
 
 
@@ -47,13 +49,42 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     os.replace(temporary, path)
 
 
+def check_output_folder(path: Path, overwrite: bool) -> bool:
+    """Check that a run may be written into ``path``, without changing anything.
+
+    Returns:
+        True when ``path`` holds a previous run that ``overwrite`` allows replacing.
+
+    Raises:
+        FileExistsError: when ``path`` holds a run and ``overwrite`` is false, or holds
+            anything that fl2ora did not create.
+    """
+    if not path.exists() or not any(path.iterdir()):
+        return False
+    finished = (path / SUMMARY_FILE).exists()
+    is_run = (path / CONFIG_FILE).exists()
+    if not overwrite:
+        what = "a finished run" if finished else ("an unfinished run" if is_run else "other files")
+        hint = f" or continue it with fl2ora run --resume {path}" if is_run and not finished else ""
+        raise FileExistsError(
+            f"Output folder {str(path)!r} already holds {what}. "
+            f"Choose another --output, pass --overwrite to replace it{hint}."
+        )
+    if not (path / MARKER_FILE).is_file():
+        raise FileExistsError(
+            f"Refusing to overwrite {str(path)!r}: it has no {MARKER_FILE} marker, so it is not a "
+            "folder fl2ora created. Choose another --output."
+        )
+    return True
+
+
 class RunDirectory:
     """Create and fill a run directory.
 
     Args:
         path: the folder; created when missing.
-        overwrite: allow a folder that already holds a finished run (its files are
-            removed first). Without it such a folder is rejected.
+        overwrite: allow a folder that already holds a run (its files are removed
+            first); only folders with fl2ora's marker file qualify.
         resume: open an existing run directory to continue it, keeping its files.
 
     Raises:
@@ -69,21 +100,10 @@ class RunDirectory:
                     f"Cannot resume {str(self.path)!r}: it holds no {CONFIG_FILE}, so it is not an fl2ora run directory."
                 )
             return
-        if self.path.exists() and any(self.path.iterdir()):
-            finished = (self.path / SUMMARY_FILE).exists()
-            is_run = (self.path / CONFIG_FILE).exists()
-            if not overwrite:
-                what = "a finished run" if finished else ("an unfinished run" if is_run else "other files")
-                raise FileExistsError(
-                    f"Output folder {str(self.path)!r} already holds {what}. "
-                    "Choose another --output, or pass --overwrite to replace it."
-                )
-            if not is_run:
-                raise FileExistsError(
-                    f"Refusing to overwrite {str(self.path)!r}: it is not an fl2ora run directory."
-                )
+        if check_output_folder(self.path, overwrite):
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / MARKER_FILE).write_text("This folder is an fl2ora run directory.\n")
 
     def file(self, name: str) -> Path:
         return self.path / name

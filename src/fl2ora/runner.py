@@ -8,16 +8,29 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from fl2ora.config import RunConfig, config_to_dict
-from fl2ora.rundir import LOG_FILE, RunDirectory
+from fl2ora.rundir import LOG_FILE, RunDirectory, check_output_folder
 
 logger = logging.getLogger(__name__)
 
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+class _RecordBuffer(logging.Handler):
+    """Keep log records in memory until the run directory exists."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 @contextlib.contextmanager
-def log_to_file(path: Path) -> Iterator[None]:
+def log_to_file(path: Path) -> Iterator[logging.Handler]:
     """Copy every fl2ora log record at INFO and above into ``path`` while the block runs."""
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter(_LOG_FORMAT))
@@ -28,7 +41,7 @@ def log_to_file(path: Path) -> Iterator[None]:
     if root.level > logging.INFO or root.level == logging.NOTSET:
         root.setLevel(logging.INFO)
     try:
-        yield
+        yield handler
     finally:
         root.removeHandler(handler)
         root.setLevel(previous_level)
@@ -59,8 +72,6 @@ def resume_experiment(
         CheckpointError: when the checkpoint is missing, corrupt or does not fit.
         FileExistsError: when the run already finished.
     """
-    import yaml
-
     from fl2ora.config import ConfigError, apply_overrides, config_from_dict
     from fl2ora.experiment import build_experiment
     from fl2ora.rundir import CONFIG_FILE, SUMMARY_FILE
@@ -101,11 +112,23 @@ def run_experiment(
     from fl2ora.experiment import build_experiment
     from fl2ora.runtime.simulation import run_simulation
 
-    run_dir = RunDirectory(output, overwrite=overwrite)
-    with log_to_file(run_dir.file(LOG_FILE)):
-        resolved = config_to_dict(config)
-        run_dir.write_config(resolved)
-        logger.info("Run directory %s; configuration: %s", run_dir.path, resolved)
+    check_output_folder(Path(output), overwrite)
+    # Build first, so that a configuration the data or model cannot satisfy fails
+    # before an existing folder is replaced; the build's log lines are kept for run.log.
+    buffer = _RecordBuffer()
+    root = logging.getLogger()
+    root.addHandler(buffer)
+    resolved = config_to_dict(config)
+    try:
+        logger.info("Configuration:\n%s", yaml.safe_dump(resolved, sort_keys=False).rstrip())
         experiment = build_experiment(config)
+    finally:
+        root.removeHandler(buffer)
+    run_dir = RunDirectory(output, overwrite=overwrite)
+    with log_to_file(run_dir.file(LOG_FILE)) as handler:
+        for record in buffer.records:
+            handler.handle(record)
+        run_dir.write_config(resolved)
+        logger.info("Run directory %s", run_dir.path)
         run_dir.write_partition(experiment.class_counts)
         return run_simulation(experiment, run_dir, interrupt=interrupt)

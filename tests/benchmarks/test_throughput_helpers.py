@@ -132,13 +132,26 @@ def test_tiny_trainable_parameters(tiny_result):
     assert tiny_result.random_init is True
 
 
+def test_matmul_reference_replaced(tiny_result):
+    replaced = throughput.with_matmul_reference(tiny_result, 100e9)
+    assert replaced.matmul_flops_per_second == 100e9
+    assert replaced.train_mfu == pytest.approx(tiny_result.train_flops_per_second / 100e9)
+    assert replaced.eval_mfu == pytest.approx(tiny_result.eval_flops_per_second / 100e9)
+    assert replaced.train_images_per_second == tiny_result.train_images_per_second
+
+
 def test_report_names_random_init(tiny_result):
     report = {
         "date": "2026-12-04T00:00:00+00:00",
         "command": "python benchmarks/throughput.py --models tiny",
         "machine": throughput.describe_machine(torch.device("cpu")),
         "load_average_at_start": 0.0,
-        "matmul": {"dtype": "float32", "by_size": {64: {"flops_per_second": 50e9}}},
+        "matmul": {
+            "dtype": "float32",
+            "flops_per_second": 50e9,
+            "before": {"by_size": {64: {"flops_per_second": 50e9}}},
+            "after": {"by_size": {64: {"flops_per_second": 40e9}}},
+        },
     }
     markdown = throughput.format_report(report, [tiny_result], markdown=True)
     text = throughput.format_report(report, [tiny_result], markdown=False)

@@ -114,9 +114,16 @@ def client_update(
                 break
 
     model.eval()
+    state = trainable_state_dict(model)
+    if finite and not all(torch.isfinite(tensor).all() for tensor in state.values()):
+        logger.warning(
+            "Client %d: trained parameters became NaN or infinite (lower train.lr); its update is dropped this round",
+            client_id,
+        )
+        finite = False
     return ClientUpdate(
         client_id=client_id,
-        state=trainable_state_dict(model),
+        state=state,
         num_examples=len(dataset),
         num_steps=steps,
         train_loss=total_loss / max(steps, 1) if finite else math.nan,

@@ -13,6 +13,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
 from fl2ora.config import ConfigError, ModelConfig
 from fl2ora.model.openai_checkpoint import infer_openai_config, load_openai_checkpoint, read_openai_state_dict
+from fl2ora.notices import RANDOM_INIT_WARNING
 from fl2ora.model.tokenizer import VOCAB_SIZE, bundled_clip_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -53,9 +54,6 @@ HUB_ARCHITECTURES = {
 }
 """Hub ids whose architecture is known without reading their config."""
 
-RANDOM_INIT_WARNING = (
-    "The backbone is random-initialised: these numbers are a pipeline check, not evidence about CLIP."
-)
 
 
 @dataclass
@@ -108,6 +106,19 @@ def _load_tokenizer(source: str | None, local_only: bool) -> CLIPTokenizer:
                 return tokenizer
             logger.info("No tokenizer vocabulary with %s; using the bundled CLIP tokenizer", source)
     return bundled_clip_tokenizer()
+
+
+def _cached_snapshot(repo_id: str) -> str | None:
+    """Return the local snapshot folder of a hub model in the Hugging Face cache, or None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        config_file = try_to_load_from_cache(repo_id, "config.json")
+    except ValueError:  # not a valid repository id
+        return None
+    if not isinstance(config_file, str):
+        return None
+    return str(Path(config_file).parent)
 
 
 def _missing_weights_error(name: str, cause: Exception | None) -> ConfigError:
@@ -167,12 +178,18 @@ def load_backbone(config: ModelConfig) -> Backbone:
                 f"model.name={name!r} is an architecture without pretrained weights. "
                 "Set model.random_init=true for a pipeline check, or give a hub id or a local model folder."
             )
-        local_only = local or not config.allow_download
+        source = name
+        if not local and not config.allow_download:
+            # Resolve the cached snapshot folder ourselves: from_pretrained(local_files_only=True)
+            # still contacts the hub for its user-agent in huggingface_hub 2.4.
+            source = _cached_snapshot(name)
+            if source is None:
+                raise _missing_weights_error(name, None)
         try:
-            model = CLIPModel.from_pretrained(name, local_files_only=local_only)
+            model = CLIPModel.from_pretrained(source, local_files_only=not config.allow_download or local)
         except OSError as error:
             raise _missing_weights_error(name, error) from error
-        tokenizer = _load_tokenizer(name, local_only=local_only)
+        tokenizer = _load_tokenizer(source, local_only=not config.allow_download or local)
 
     model.eval()
     vision = model.config.vision_config

@@ -272,6 +272,8 @@ def run_simulation(
             _log_scores(round_index, scores["mean"])
             rounds.set_postfix(acc=f"{100 * scores['mean']['accuracy']:.1f}%", ece=f"{100 * scores['mean']['ece']:.1f}%")
         timings["seconds_round"] = time.perf_counter() - round_start
+        if config.eval.calibration == "reference" and "mean" in record:
+            record["calibration_definition"] = "reference"
         run_dir.append_metrics(record)
         run_dir.append_timings(timings)
         save(time.perf_counter() - started)
