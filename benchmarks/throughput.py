@@ -55,7 +55,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODELS = ("tiny", "vit-b-32")
 NUM_CLASSES = 10
 TEMPLATE = "a photo of a {}."
-CPU_MATMUL_SIZES = (1024, 2048, 3072)
+CPU_MATMUL_SIZES = (512, 1024, 2048)
 CUDA_MATMUL_SIZES = (4096, 8192)
 PROFILE_TOP_OPS = 12
 # Profiler operators that run matrix multiplies and convolutions. The profiler estimates FLOPs

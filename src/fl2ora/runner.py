@@ -76,7 +76,7 @@ def resume_experiment(
     from fl2ora.experiment import build_experiment
     from fl2ora.rundir import CONFIG_FILE, SUMMARY_FILE
     from fl2ora.runtime.checkpoint import load_checkpoint
-    from fl2ora.runtime.simulation import run_simulation
+    from fl2ora.runtime.simulation import check_resumable, run_simulation
 
     run_dir = RunDirectory(output, resume=True)
     if run_dir.file(SUMMARY_FILE).exists():
@@ -92,8 +92,9 @@ def resume_experiment(
     checkpoint = load_checkpoint(run_dir.path)
     with log_to_file(run_dir.file(LOG_FILE)):
         logger.info("Resuming %s after round %d", run_dir.path, checkpoint.round)
-        run_dir.write_config(config_to_dict(config))
         experiment = build_experiment(config)
+        check_resumable(experiment, checkpoint)
+        run_dir.write_config(config_to_dict(config))
         return run_simulation(experiment, run_dir, resume=checkpoint, interrupt=interrupt)
 
 

@@ -197,6 +197,15 @@ def _initial_state(experiment: Experiment, algorithm: FederatedAlgorithm, resume
     )
 
 
+def check_resumable(experiment: Experiment, checkpoint: Checkpoint) -> None:
+    """Check that ``checkpoint`` fits the model of ``experiment``, before anything is written.
+
+    Raises:
+        CheckpointError: naming missing, unexpected and mismatched tensors.
+    """
+    _initial_state(experiment, make_algorithm(experiment), checkpoint)
+
+
 def run_simulation(
     experiment: Experiment,
     run_dir: RunDirectory,
