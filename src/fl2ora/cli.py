@@ -70,6 +70,10 @@ def _build_parser() -> argparse.ArgumentParser:
     compare = commands.add_parser("compare", help="compare finished run directories in one table and plot")
     compare.add_argument("runs", nargs="+", help="run directories")
     compare.add_argument("--output", default=".", help="folder for comparison.md, comparison.csv, ece_vs_accuracy.png")
+
+    from fl2ora.runtime.flower.command import add_flower_command  # imports no Flower code
+
+    add_flower_command(commands)
     return parser
 
 
@@ -176,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
             return _command_sweep(args)
         if args.command == "compare":
             return _command_compare(args)
+        if args.command == "flower":
+            from fl2ora.runtime.flower.command import run_flower_command
+
+            return run_flower_command(args, _configure_logging)
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         # ConfigError and CheckpointError are ValueErrors; the data, partition and
         # training code raise ValueError with a message that names the fix.

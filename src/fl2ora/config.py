@@ -304,6 +304,38 @@ class TemperatureConfig:
             )
 
 
+@dataclass
+class SettingConfig:
+    """The federated setting: label skew, domain skew, leave-one-domain-out or base-to-new."""
+
+    kind: Literal["label_skew", "domain_skew", "leave_one_domain_out", "base_to_new"] = "label_skew"
+    """``label_skew``: one dataset split across ``partition.num_clients`` clients.
+    ``domain_skew``: each domain split across ``clients_per_domain`` clients, tested on
+    held-out images of their own domain. ``leave_one_domain_out``: as domain skew
+    without ``held_out_domain``, which is scored on all its images after training.
+    ``base_to_new``: base classes (the first half, rounded up) dealt to
+    ``partition.num_clients`` clients with ``shots`` images each; new classes only tested."""
+    clients_per_domain: int = 2
+    """Clients per domain in the domain settings (replaces ``partition.num_clients``)."""
+    domains: list[str] | None = None
+    """Domains to use; null means all of the dataset's domains."""
+    held_out_domain: str | None = None
+    """The unseen domain of ``leave_one_domain_out``."""
+    shots: int = 16
+    """Training images per base class in ``base_to_new``: 1, 2, 4, 8 or 16."""
+    pacs_test_split: Literal["crossval", "test_kfold"] = "crossval"
+    """PACS in-domain test list. ``crossval`` is held out from training; ``test_kfold``
+    reproduces the reference code, whose test list contains every training image."""
+
+    def __post_init__(self) -> None:
+        if self.clients_per_domain < 1:
+            raise ConfigError(f"setting.clients_per_domain must be >= 1, got {self.clients_per_domain!r}.")
+        if self.shots not in (1, 2, 4, 8, 16):
+            raise ConfigError(f"setting.shots must be one of 1, 2, 4, 8, 16, got {self.shots!r}.")
+        if self.kind == "leave_one_domain_out" and not self.held_out_domain:
+            raise ConfigError("setting.kind=leave_one_domain_out needs setting.held_out_domain, e.g. sketch.")
+
+
 METHODS = ("zeroshot", "fl2ora", "coop", "kgcoop", "maple", "layernorm", "bitfit", "full")
 
 
@@ -319,6 +351,7 @@ class RunConfig:
     """Fine-tuning method: ``zeroshot`` (no training), ``fl2ora`` (LoRA, section ``lora``),
     ``coop`` (PromptFL when federated) and ``kgcoop`` (section ``coop``), ``maple``
     (section ``maple``), ``layernorm``, ``bitfit`` and ``full`` (section ``tuning``)."""
+    setting: SettingConfig = field(default_factory=SettingConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     coop: PromptConfig = field(default_factory=PromptConfig)

@@ -6,9 +6,8 @@ trainable parameters, and the evaluation set made of every client's local test s
 
 from __future__ import annotations
 
-import functools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -16,11 +15,11 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from fl2ora.config import ConfigError, RunConfig
-from fl2ora.data import ImageClassificationData, clip_transforms, load_dataset, partition, subsample_per_class
-from fl2ora.data.validation import drop_unreadable
+from fl2ora.data import clip_transforms
 from fl2ora.methods.lora import count_trainable
-from fl2ora.methods.registry import build_classifier
+from fl2ora.methods.registry import build_classifier, classifier_for_classnames
 from fl2ora.model.backbone import Backbone, load_backbone
+from fl2ora.settings import ClientSplits, build_splits
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +29,7 @@ class Experiment:
     """The built pieces of a run; ``model`` is the one backbone copy every client reuses."""
 
     config: RunConfig
-    data: ImageClassificationData
+    splits: ClientSplits
     backbone: Backbone
     model: nn.Module
     """The method's classifier: ``forward(images (N, 3, H, W)) -> logits (N, C)``."""
@@ -53,6 +52,12 @@ class Experiment:
     scaling), concatenated in client order, with the evaluation transform; None when unused."""
     val_labels: np.ndarray | None = None
     client_val_rows: list[np.ndarray] | None = None
+    heldout: dict[str, Dataset] = field(default_factory=dict)
+    """Evaluation-only sets scored as a whole (the unseen domain), with the evaluation transform."""
+    new_model: nn.Module | None = None
+    """Base-to-new: a classifier over the new classes' names sharing the trained parameters."""
+    new_eval_dataset: Dataset | None = None
+    """Base-to-new: test images of the new classes."""
 
     @property
     def num_clients(self) -> int:
@@ -66,18 +71,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("model.device=cuda but no CUDA device is available. Use model.device=auto or cpu.")
     return torch.device(name)
-
-
-@functools.lru_cache(maxsize=4)
-def _load_dataset_cached(name: str, root: str, download: bool) -> ImageClassificationData:
-    # Sweeps build many experiments on one dataset; listing its files once is enough.
-    return load_dataset(name, root, download=download)
-
-
-def _subsample(labels: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
-    if limit is None:
-        return np.arange(len(labels))
-    return np.sort(subsample_per_class(labels, limit, seed))
 
 
 def hold_out_validation(
@@ -106,84 +99,70 @@ def hold_out_validation(
 
 
 def build_experiment(config: RunConfig) -> Experiment:
-    """Load data, partition it, and build the model with its trainable parameters.
+    """Load data, split it between clients as the setting says, and build the model.
 
     Raises:
         ConfigError: on settings the data cannot satisfy (for example more clients
             than training samples).
         FileNotFoundError: when the dataset root is missing.
     """
-    data = _load_dataset_cached(config.data.dataset, config.data.root, config.data.download)
-    train_pool = _subsample(data.train.labels, config.data.max_train_per_class, config.seed)
-    test_pool = _subsample(data.test.labels, config.data.max_test_per_class, config.seed + 1)
-    train_pool = drop_unreadable(data.train, train_pool, config.data.bad_images, "training")
-    test_pool = drop_unreadable(data.test, test_pool, config.data.bad_images, "test")
-    train_labels = data.train.labels[train_pool]
-    test_labels = data.test.labels[test_pool]
-
-    clients = config.partition.num_clients
-    if clients > len(train_pool) or clients > len(test_pool):
-        raise ConfigError(
-            f"partition.num_clients={clients} exceeds the {len(train_pool)} training or {len(test_pool)} "
-            "test samples available. Lower partition.num_clients or raise data.max_*_per_class."
-        )
-    split = partition(
-        config.partition.method,
-        train_labels,
-        test_labels,
-        num_clients=clients,
-        beta=config.partition.beta,
-        min_samples=config.partition.min_samples,
-        seed=config.seed,
-        max_tries=config.partition.max_tries,
-    )
-    counts = split.class_counts(train_labels, test_labels, len(data.classnames))
+    splits = build_splits(config)
+    clients = len(splits.client_train)
 
     backbone = load_backbone(config.model)
-    model = build_classifier(config, backbone, data.classnames, data.template)
+    model = build_classifier(config, backbone, splits.classnames, splits.template)
     device = resolve_device(config.model.device)
     model.to(device)
+    new_model = None
+    if splits.new_classnames is not None:
+        new_model = classifier_for_classnames(config, model, backbone, splits.new_classnames, splits.template)
+        new_model.to(device)
 
     train_transform = clip_transforms(backbone.image_size, train=True, augment=config.data.augment)
     eval_transform = clip_transforms(backbone.image_size, train=False)
-    train_set = data.train.with_transform(train_transform)
-    client_train_rows = list(split.train_indices)
+    train_set = splits.train.with_transform(train_transform)
+    client_train_indices = list(splits.client_train)
     val_dataset = val_labels = client_val_rows = None
     if config.temperature.mode != "none":
-        client_train_rows, client_val_indices = hold_out_validation(
-            client_train_rows, config.temperature.validation_fraction, config.seed
+        client_train_indices, client_val_indices = hold_out_validation(
+            client_train_indices, config.temperature.validation_fraction, config.seed
         )
-        val_indices = np.concatenate([train_pool[rows] for rows in client_val_indices])
+        val_indices = np.concatenate(client_val_indices)
         val_offsets = np.cumsum([0] + [len(rows) for rows in client_val_indices])
         client_val_rows = [np.arange(val_offsets[k], val_offsets[k + 1]) for k in range(clients)]
-        val_dataset = data.train.with_transform(eval_transform).subset(val_indices)
-        val_labels = data.train.labels[val_indices]
-    client_train = [train_set.subset(train_pool[rows]) for rows in client_train_rows]
+        val_dataset = splits.train.with_transform(eval_transform).subset(val_indices)
+        val_labels = splits.train.labels[val_indices]
+    client_train = [train_set.subset(rows) for rows in client_train_indices]
 
-    eval_indices = np.concatenate([test_pool[rows] for rows in split.test_indices])
-    offsets = np.cumsum([0] + [len(rows) for rows in split.test_indices])
+    eval_indices = np.concatenate(splits.client_test)
+    offsets = np.cumsum([0] + [len(rows) for rows in splits.client_test])
     client_eval_rows = [np.arange(offsets[k], offsets[k + 1]) for k in range(clients)]
-    eval_dataset = data.test.with_transform(eval_transform).subset(eval_indices)
+    test_set = splits.test.with_transform(eval_transform)
+    heldout = {name: test_set.subset(rows) for name, rows in splits.heldout.items()}
 
     trainable = count_trainable(model)
     logger.info(
-        "Built %s: %d classes, %d clients, %d training and %d test samples, %d trainable parameters on %s",
-        data.name, len(data.classnames), clients, len(train_pool), len(eval_indices), trainable, device,
+        "Built %s (%s): %d classes, %d clients, %d training and %d test samples, %d trainable parameters on %s",
+        splits.name, config.setting.kind, len(splits.classnames), clients,
+        sum(len(rows) for rows in client_train_indices), len(eval_indices), trainable, device,
     )
     return Experiment(
         config=config,
-        data=data,
+        splits=splits,
         backbone=backbone,
         model=model,
         device=device,
         client_train=client_train,
-        eval_dataset=eval_dataset,
-        eval_labels=data.test.labels[eval_indices],
+        eval_dataset=test_set.subset(eval_indices),
+        eval_labels=splits.test.labels[eval_indices],
         eval_indices=eval_indices,
         client_eval_rows=client_eval_rows,
-        class_counts=counts,
+        class_counts=splits.class_counts,
         trainable_parameters=trainable,
         val_dataset=val_dataset,
         val_labels=val_labels,
         client_val_rows=client_val_rows,
+        heldout=heldout,
+        new_model=new_model,
+        new_eval_dataset=splits.new_test.with_transform(eval_transform) if splits.new_test is not None else None,
     )

@@ -40,12 +40,32 @@ def predict_probabilities(
     return torch.cat(chunks).numpy()
 
 
+def restrict_to_classes(probs: torch.Tensor, labels: torch.Tensor, classes: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score only against ``classes``: keep their columns, renormalise, and relabel to positions.
+
+    This equals a classifier built over those class names only, since softmax
+    restricted to a subset of logits is the renormalised softmax.
+
+    Raises:
+        ValueError: when a label is not among ``classes``.
+    """
+    classes_t = torch.as_tensor(np.asarray(classes), dtype=torch.int64)
+    positions = torch.searchsorted(classes_t, labels)
+    valid = (positions < len(classes_t)) & (classes_t[positions.clamp(max=len(classes_t) - 1)] == labels)
+    if not bool(valid.all()):
+        raise ValueError(f"Labels {labels[~valid].unique().tolist()} are not among the client's classes {classes_t.tolist()}.")
+    subset = probs[:, classes_t]
+    return subset / subset.sum(dim=1, keepdim=True), positions
+
+
 def evaluate_clients(
     probs: np.ndarray,
     labels: np.ndarray,
     client_slices: Sequence[np.ndarray],
     n_bins: int = 10,
     calibration: Literal["standard", "reference"] = "standard",
+    client_classes: Sequence[np.ndarray] | None = None,
+    groups: dict[str, list[int]] | None = None,
 ) -> dict:
     """Score each client's predictions, their unweighted mean, and all predictions pooled.
 
@@ -55,9 +75,13 @@ def evaluate_clients(
         client_slices: for client k, the row indices of ``probs`` holding its test split.
         n_bins: bins of the calibration errors.
         calibration: ``standard`` or the reference code's ``reference`` ECE and MCE.
+        client_classes: for client k, the sorted classes it is scored against (its
+            own classes in base-to-new); None scores every client against all classes.
+        groups: named lists of client ids (domains) reported as their own mean and pooled metrics.
 
     Returns:
-        ``{"clients": {k: metrics}, "mean": metrics, "pooled": metrics}``, every
+        ``{"clients": {k: metrics}, "mean": metrics, "pooled": metrics}`` plus
+        ``"groups": {name: {"mean", "pooled"}}`` when ``groups`` is given; every
         metric a float (fractions for accuracy and calibration errors).
     """
     probs_t = torch.as_tensor(probs)  # binning compares against edges rounded to this dtype
@@ -65,13 +89,23 @@ def evaluate_clients(
     clients = {}
     for client_id, rows in enumerate(client_slices):
         rows_t = torch.as_tensor(rows, dtype=torch.int64)
-        clients[client_id] = classification_metrics(
-            probs_t[rows_t], labels_t[rows_t], n_bins=n_bins, definition=calibration
-        )
-    mean = {name: float(np.mean([m[name] for m in clients.values()])) for name in METRIC_NAMES}
-    pooled_rows = torch.as_tensor(np.concatenate(list(client_slices)), dtype=torch.int64)
-    pooled = classification_metrics(probs_t[pooled_rows], labels_t[pooled_rows], n_bins=n_bins, definition=calibration)
-    return {"clients": clients, "mean": mean, "pooled": pooled}
+        client_probs, client_labels = probs_t[rows_t], labels_t[rows_t]
+        if client_classes is not None:
+            client_probs, client_labels = restrict_to_classes(client_probs, client_labels, client_classes[client_id])
+        clients[client_id] = classification_metrics(client_probs, client_labels, n_bins=n_bins, definition=calibration)
+
+    def mean_of(ids: Sequence[int]) -> dict[str, float]:
+        return {name: float(np.mean([clients[k][name] for k in ids])) for name in METRIC_NAMES}
+
+    def pooled_of(ids: Sequence[int]) -> dict[str, float]:
+        rows = torch.as_tensor(np.concatenate([client_slices[k] for k in ids]), dtype=torch.int64)
+        return classification_metrics(probs_t[rows], labels_t[rows], n_bins=n_bins, definition=calibration)
+
+    everyone = list(range(len(client_slices)))
+    result = {"clients": clients, "mean": mean_of(everyone), "pooled": pooled_of(everyone)}
+    if groups:
+        result["groups"] = {name: {"mean": mean_of(ids), "pooled": pooled_of(ids)} for name, ids in groups.items()}
+    return result
 
 
 def last_rounds_statistics(history: Sequence[dict], last: int) -> dict:

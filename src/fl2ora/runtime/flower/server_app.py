@@ -162,17 +162,23 @@ def run_federation(grid: Grid, config: RunConfig, settings: FlowerRunSettings) -
             if server_round == 0:
                 return None
             record = strategy.round_records[server_round]
+            timings = {"round": server_round, "seconds_train": record.pop("seconds_train"),
+                       "seconds_aggregate": record.pop("seconds_aggregate")}
             result = None
             if server_round % config.eval.every == 0 or server_round == total_rounds:
                 eval_started = time.perf_counter()
                 scores, probs = _evaluate(experiment, strategy.global_state)
                 record.update(scores)
-                record["seconds_eval"] = time.perf_counter() - eval_started
+                timings["seconds_eval"] = time.perf_counter() - eval_started
                 history.append(record)
                 _log_scores(server_round, scores["mean"])
                 result = MetricRecord({name: float(value) for name, value in scores["mean"].items()})
-            record["seconds_round"] = time.perf_counter() - strategy.round_started[server_round]
+            timings["seconds_round"] = time.perf_counter() - strategy.round_started[server_round]
+            if config.eval.calibration == "reference" and "mean" in record:
+                record["calibration_definition"] = "reference"
+            # Wall-clock timings go to their own file, as in the simulation, so metrics.jsonl is reproducible.
             run_dir.append_metrics(record)
+            run_dir.append_timings(timings)
             return result
 
         strategy.start(
