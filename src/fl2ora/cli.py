@@ -67,6 +67,20 @@ def _build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--output", help="sweep folder, one run directory per cell (default: runs/sweep-<name>)")
     sweep.add_argument("--quiet", action="store_true", help="log warnings only on the console")
 
+    reproduce = commands.add_parser("reproduce", help="run the study's presets of one setting and write its table")
+    reproduce.add_argument("setting", help="in_distribution, domain_skew, domain_generalization or base_to_new")
+    reproduce.add_argument("--datasets", default="", help="comma-separated subset of the setting's datasets")
+    reproduce.add_argument("--methods", default="", help="comma-separated subset of fl2ora,promptfl")
+    reproduce.add_argument(
+        "--data-root", action="append", default=[], metavar="DATASET=PATH",
+        help="dataset folder or archive, e.g. --data-root pacs=../shared/data/pacs.tar.gz (repeatable)",
+    )
+    reproduce.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                           help="override a value in every preset, e.g. --set model.name=tiny (repeatable)")
+    reproduce.add_argument("--presets", default="configs/paper", help="folder of the presets (default: configs/paper)")
+    reproduce.add_argument("--output", help="output folder (default: runs/reproduce-<setting>)")
+    reproduce.add_argument("--quiet", action="store_true", help="log warnings only on the console")
+
     compare = commands.add_parser("compare", help="compare finished run directories in one table and plot")
     compare.add_argument("runs", nargs="+", help="run directories")
     compare.add_argument("--output", default=".", help="folder for comparison.md, comparison.csv, ece_vs_accuracy.png")
@@ -160,6 +174,31 @@ def _command_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command_reproduce(args: argparse.Namespace) -> int:
+    from fl2ora.reproduce import run_reproduction
+
+    roots = {}
+    for item in args.data_root:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--data-root {item!r} must have the form DATASET=PATH, e.g. pacs=data/pacs.")
+        roots[name] = path
+    output = Path(args.output) if args.output else Path("runs") / f"reproduce-{args.setting}"
+    _configure_logging(args.quiet)
+    table = run_reproduction(
+        args.setting,
+        Path(args.presets),
+        output,
+        datasets=[d for d in args.datasets.split(",") if d] or None,
+        methods=[m for m in args.methods.split(",") if m] or None,
+        data_roots=roots,
+        overrides=args.overrides,
+    )
+    print(table.read_text())
+    print(f"Runs and table in {output}")
+    return 0
+
+
 def _command_compare(args: argparse.Namespace) -> int:
     from fl2ora.compare import read_run, write_comparison
 
@@ -180,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
             return _command_sweep(args)
         if args.command == "compare":
             return _command_compare(args)
+        if args.command == "reproduce":
+            return _command_reproduce(args)
         if args.command == "flower":
             from fl2ora.runtime.flower.command import run_flower_command
 

@@ -19,15 +19,13 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fl2ora.config import RunConfig, config_from_dict, config_to_dict
-from fl2ora.experiment import Experiment, build_experiment
-from fl2ora.federated.client import client_update
-from fl2ora.federated.sampling import client_seed
 from fl2ora.runtime.flower.console import configure_console_logging
-from fl2ora.runtime.flower.messages import (
+from fl2ora.runtime.flower.keys import (
     ARRAYS_KEY,
     CONFIG_KEY,
     FEDDYN_STATE_KEY,
@@ -37,12 +35,15 @@ from fl2ora.runtime.flower.messages import (
     PROXIMAL_MU_KEY,
     ROUND_KEY,
     RUN_CONFIG_KEY,
-    array_record_to_state,
-    feddyn_state_to_record,
-    record_to_feddyn_state,
-    state_to_array_record,
 )
-from fl2ora.runtime.simulation import make_algorithm
+
+if TYPE_CHECKING:
+    from fl2ora.config import RunConfig
+    from fl2ora.experiment import Experiment
+
+# A deployed SuperNode starts one ClientApp process per message. The training
+# modules (torch, transformers) are imported inside the handlers that need them,
+# so that answering a partition query starts in well under a second.
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,8 @@ def apply_node_overrides(config: RunConfig, node_config: Mapping[str, Any]) -> R
     Raises:
         ConfigError: when ``device`` is not ``auto``, ``cpu`` or ``cuda``.
     """
+    from fl2ora.config import config_from_dict, config_to_dict
+
     values = config_to_dict(config)
     if "data-root" in node_config:
         values["data"]["root"] = str(node_config["data-root"])
@@ -100,6 +103,9 @@ class ExperimentCache:
 
     def get(self, config: RunConfig) -> Experiment:
         """Return the experiment of ``config``, building it on a miss."""
+        from fl2ora.config import config_to_dict
+        from fl2ora.experiment import build_experiment
+
         key = json.dumps(config_to_dict(config), sort_keys=True)
         if key != self._key:
             self._experiment, self._key = None, None  # free the previous backbone first
@@ -127,6 +133,17 @@ def train_partition(content: RecordDict, context: Context, cache: ExperimentCach
             instruction lacks an entry, or ``proximal-mu`` differs from
             ``federated.mu``.
     """
+    from fl2ora.config import config_from_dict
+    from fl2ora.federated.client import client_update
+    from fl2ora.federated.sampling import client_seed
+    from fl2ora.runtime.flower.messages import (
+        array_record_to_state,
+        feddyn_state_to_record,
+        record_to_feddyn_state,
+        state_to_array_record,
+    )
+    from fl2ora.runtime.simulation import make_algorithm
+
     instruction = content.get(CONFIG_KEY)
     arrays = content.get(ARRAYS_KEY)
     if not isinstance(instruction, ConfigRecord) or arrays is None:

@@ -5,7 +5,8 @@ A training instruction carries two records: the global trainable state as an
 :data:`CONFIG_KEY` with the round, the resolved fl2ora configuration (JSON) and,
 for FedProx, ``proximal-mu``. A training reply carries exactly the trained
 trainable tensors under :data:`ARRAYS_KEY` and a ``MetricRecord`` under
-:data:`METRICS_KEY` with the keys of :data:`REPLY_METRIC_KEYS`.
+:data:`METRICS_KEY` with the keys of :data:`REPLY_METRIC_KEYS` (the keys live in
+:mod:`fl2ora.runtime.flower.keys`).
 
 :func:`parse_train_reply` turns a reply into a
 :class:`~fl2ora.federated.client.ClientUpdate` or raises :class:`InvalidReplyError`
@@ -25,28 +26,18 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from fl2ora.federated.client import ClientUpdate
 from fl2ora.federated.rules import FedDynClientState
 from fl2ora.model.trainable import StateDict
-
-ARRAYS_KEY = "arrays"
-"""Record key of the trainable tensors, in instructions and replies (Flower's default)."""
-CONFIG_KEY = "config"
-"""Record key of the instruction's ConfigRecord (Flower's default)."""
-METRICS_KEY = "metrics"
-"""Record key of the reply's MetricRecord."""
-RUN_CONFIG_KEY = "fl2ora-config"
-"""ConfigRecord entry holding the resolved fl2ora configuration as JSON."""
-ROUND_KEY = "server-round"
-"""ConfigRecord entry holding the 1-based round (the name Flower's strategies use)."""
-PROXIMAL_MU_KEY = "proximal-mu"
-"""ConfigRecord entry of Flower's FedProx strategy."""
-FEDDYN_STATE_KEY = "fl2ora.feddyn-gradient"
-"""``context.state`` entry of a FedDyn client's gradient term, an ArrayRecord."""
-
-PARTITION_KEY = "partition-id"
-NUM_PARTITIONS_KEY = "num-partitions"
-REPLY_METRIC_KEYS = ("num-examples", "num-steps", "train-loss", PARTITION_KEY, "finite")
-"""MetricRecord keys of a training reply: training samples (the FedAvg weight),
-optimizer steps (FedNova), mean training loss, the partition the client trained,
-and 1, or 0 when the loss became NaN or infinite."""
+from fl2ora.runtime.flower.keys import (  # noqa: F401 - re-exported for the apps
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    FEDDYN_STATE_KEY,
+    METRICS_KEY,
+    NUM_PARTITIONS_KEY,
+    PARTITION_KEY,
+    PROXIMAL_MU_KEY,
+    REPLY_METRIC_KEYS,
+    ROUND_KEY,
+    RUN_CONFIG_KEY,
+)
 
 TRAINABLE_DTYPE = "float32"
 """Every trainable tensor travels as fp32, as :func:`~fl2ora.model.trainable.trainable_state_dict` returns it."""

@@ -1,0 +1,222 @@
+"""``fl2ora reproduce SETTING``: run the study's presets of one setting and tabulate them.
+
+Each dataset of the setting runs with the FL²oRA and PromptFL presets of
+``configs/paper/`` (one run directory each, finished runs skipped), and the table
+is written in the study's layout: accuracy, ECE, MCE and ACE in percent as the mean
+± standard deviation over the last evaluated rounds; per domain for domain skew;
+per held-out domain for domain generalisation; base, new and their harmonic mean
+for base-to-new.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fl2ora.config import ConfigError, apply_overrides, config_from_dict
+from fl2ora.rundir import METRICS_FILE, SUMMARY_FILE, read_metrics
+
+logger = logging.getLogger(__name__)
+
+SETTINGS: dict[str, list[str]] = {
+    "in_distribution": ["cifar10", "cifar100"],
+    "domain_skew": ["pacs", "office_home", "vlcs"],
+    "domain_generalization": ["pacs", "office_home", "vlcs"],
+    "base_to_new": ["food101", "dtd", "caltech101", "flowers102", "oxford_pets"],
+}
+"""The study's settings and their datasets."""
+
+METHOD_PRESETS = {"fl2ora": "FL²oRA", "promptfl": "PromptFL"}
+METRICS = [("accuracy", "Acc"), ("ece", "ECE"), ("mce", "MCE"), ("ace", "ACE")]
+
+
+@dataclass
+class ReproduceRun:
+    """One run of a reproduction: its dataset, method, held-out domain and folder."""
+
+    dataset: str
+    method: str
+    held_out_domain: str | None
+    path: Path
+    values: dict[str, Any]
+
+
+def _preset(presets: Path, dataset: str, method: str) -> Path:
+    path = presets / f"{dataset}_{method}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"Preset {path} not found; the presets live in configs/paper/.")
+    return path
+
+
+def plan_runs(
+    setting: str,
+    presets: Path,
+    output: Path,
+    datasets: list[str] | None = None,
+    methods: list[str] | None = None,
+    data_roots: dict[str, str] | None = None,
+    overrides: list[str] | None = None,
+) -> list[ReproduceRun]:
+    """List the runs of ``setting`` with their validated configurations.
+
+    Raises:
+        ConfigError: on an unknown setting, dataset or method, or an invalid configuration.
+    """
+    import yaml
+
+    if setting not in SETTINGS:
+        raise ConfigError(f"Unknown setting {setting!r}. Choose one of {sorted(SETTINGS)}.")
+    chosen = datasets or SETTINGS[setting]
+    unknown = sorted(set(chosen) - set(SETTINGS[setting]))
+    if unknown:
+        raise ConfigError(f"Datasets {unknown} are not part of {setting}; it has {SETTINGS[setting]}.")
+    chosen_methods = methods or list(METHOD_PRESETS)
+    unknown = sorted(set(chosen_methods) - set(METHOD_PRESETS))
+    if unknown:
+        raise ConfigError(f"Unknown methods {unknown}; presets exist for {sorted(METHOD_PRESETS)}.")
+
+    runs = []
+    for dataset in chosen:
+        for method in chosen_methods:
+            values = yaml.safe_load(_preset(presets, dataset, method).read_text())
+            extra = list(overrides or [])
+            if data_roots and dataset in data_roots:
+                extra.append(f"data.root={data_roots[dataset]}")
+            values = apply_overrides(values, extra)
+            held_out: list[str | None] = [None]
+            if setting == "domain_generalization":
+                held_out = _domains_of(config_from_dict(values))
+            for domain in held_out:
+                cell = dict(values)
+                path = output / dataset / method
+                if domain is not None:
+                    cell = apply_overrides(cell, ["setting.kind=leave_one_domain_out", f"setting.held_out_domain={domain}"])
+                    path = path / domain
+                config_from_dict(cell)  # validate before anything runs
+                runs.append(ReproduceRun(dataset, method, domain, path, cell))
+    return runs
+
+
+def _domains_of(config: Any) -> list[str]:
+    from fl2ora.data.catalog import load_domain_dataset
+
+    domains = config.setting.domains
+    if domains:
+        return list(domains)
+    return list(load_domain_dataset(config.data.dataset, config.data.root).domains)
+
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    array = np.asarray(values, dtype=np.float64)
+    return float(array.mean()), float(array.std())
+
+
+def _last_records(path: Path, last: int) -> list[dict[str, Any]]:
+    records = [r for r in read_metrics(path) if "mean" in r]
+    return records[-last:]
+
+
+def _cell(values: list[float]) -> str:
+    mean, std = _stats(values)
+    return f"{100 * mean:.2f} ± {100 * std:.2f}"
+
+
+def tabulate(setting: str, runs: list[ReproduceRun], last: int = 5) -> tuple[list[str], list[list[str]]]:
+    """Build the study-layout table of finished runs: a header and rows of strings."""
+    rows: list[list[str]] = []
+    if setting == "base_to_new":
+        header = ["dataset", "method", "base Acc", "new Acc", "HM", "base ECE", "new ECE", "local Acc", "local ECE"]
+        for run in runs:
+            records = _last_records(run.path, last)
+            part = [r["base_to_new"] for r in records]
+            rows.append(
+                [
+                    run.dataset,
+                    METHOD_PRESETS[run.method],
+                    _cell([p["base"]["accuracy"] for p in part]),
+                    _cell([p["new"]["accuracy"] for p in part]),
+                    _cell([p["harmonic_mean_accuracy"] for p in part]),
+                    _cell([p["base"]["ece"] for p in part]),
+                    _cell([p["new"]["ece"] for p in part]),
+                    _cell([p["local"]["accuracy"] for p in part]),
+                    _cell([p["local"]["ece"] for p in part]),
+                ]
+            )
+        return header, rows
+    header = ["dataset", "method"]
+    if setting == "domain_skew":
+        header.append("domain")
+    if setting == "domain_generalization":
+        header.append("held-out domain")
+    header += [title for _, title in METRICS]
+    for run in runs:
+        records = _last_records(run.path, last)
+        if setting == "domain_skew":
+            for domain in records[-1]["groups"]:
+                cells = [_cell([r["groups"][domain]["mean"][key] for r in records]) for key, _ in METRICS]
+                rows.append([run.dataset, METHOD_PRESETS[run.method], domain, *cells])
+            cells = [_cell([r["mean"][key] for r in records]) for key, _ in METRICS]
+            rows.append([run.dataset, METHOD_PRESETS[run.method], "all (client mean)", *cells])
+        elif setting == "domain_generalization":
+            domain = run.held_out_domain
+            cells = [_cell([r["heldout"][domain][key] for r in records]) for key, _ in METRICS]
+            rows.append([run.dataset, METHOD_PRESETS[run.method], domain, *cells])
+        else:
+            cells = [_cell([r["mean"][key] for r in records]) for key, _ in METRICS]
+            rows.append([run.dataset, METHOD_PRESETS[run.method], *cells])
+    return header, rows
+
+
+def run_reproduction(
+    setting: str,
+    presets: Path,
+    output: Path,
+    datasets: list[str] | None = None,
+    methods: list[str] | None = None,
+    data_roots: dict[str, str] | None = None,
+    overrides: list[str] | None = None,
+) -> Path:
+    """Run every unfinished run of ``setting`` and write ``<output>/table.md`` and ``table.csv``.
+
+    Returns:
+        The path of the Markdown table.
+    """
+    from fl2ora.runner import run_experiment
+
+    runs = plan_runs(setting, presets, output, datasets, methods, data_roots, overrides)
+    logger.info("Reproducing %s: %d runs into %s", setting, len(runs), output)
+    random_init = False
+    for index, run in enumerate(runs, start=1):
+        random_init = random_init or bool(run.values.get("model", {}).get("random_init"))
+        if (run.path / SUMMARY_FILE).is_file():
+            logger.info("Run %d/%d %s is complete; skipping", index, len(runs), run.path)
+            continue
+        logger.info("Run %d/%d: %s", index, len(runs), run.path)
+        run_experiment(config_from_dict(run.values), run.path, overwrite=(run.path / METRICS_FILE).exists())
+
+    last = config_from_dict(runs[0].values).eval.last_rounds
+    header, rows = tabulate(setting, runs, last)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    notes = [
+        "",
+        f"{setting}: metrics in percent, mean ± std over the last {last} evaluated rounds, "
+        "averaged over clients without weights unless the row says otherwise.",
+    ]
+    if random_init:
+        notes.append("WARNING: random-initialised backbone: these numbers are a pipeline check, not evidence about CLIP.")
+    output.mkdir(parents=True, exist_ok=True)
+    table = output / "table.md"
+    table.write_text("\n".join(lines + notes) + "\n")
+    with (output / "table.csv").open("w", newline="") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(header)
+        writer.writerows(rows)
+    (output / "runs.json").write_text(json.dumps([str(run.path) for run in runs], indent=2) + "\n")
+    return table
