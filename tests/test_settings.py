@@ -1,0 +1,142 @@
+"""The study's settings on real images: domain skew, leave-one-domain-out, base-to-new."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fl2ora.cli import main
+from fl2ora.config import ConfigError, config_from_dict
+from fl2ora.experiment import build_experiment
+from fl2ora.settings import build_splits, sample_shots, split_base_new
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def archive(name: str) -> Path:
+    path = SHARED / name
+    if not path.is_file():
+        pytest.skip(f"real data archive not found at {path}")
+    return path
+
+
+def tiny(dataset: str, root: Path, **sections):
+    values = {
+        "seed": 1,
+        "model": {"name": "tiny", "random_init": True},
+        "data": {"dataset": dataset, "root": str(root), "max_train_per_class": 6, "max_test_per_class": 3},
+        "partition": {"min_samples": 2, "num_clients": 5},
+        "federated": {"rounds": 1, "fraction": 1.0},
+    }
+    for section, overrides in sections.items():
+        values[section] = {**values.get(section, {}), **overrides}
+    return config_from_dict(values)
+
+
+def test_split_base_new_rounds_base_up():
+    base, new = split_base_new(101)
+    assert len(base) == 51 and len(new) == 50
+    assert set(base).isdisjoint(new)
+
+
+def test_sample_shots_exact_per_class():
+    labels = np.repeat(np.arange(4), 10)
+    chosen = sample_shots(labels, np.array([1, 3]), shots=4, seed=0)
+    assert np.bincount(labels[chosen], minlength=4).tolist() == [0, 4, 0, 4]
+    assert np.array_equal(chosen, sample_shots(labels, np.array([1, 3]), shots=4, seed=0))
+    with pytest.raises(ConfigError, match="fewer than setting.shots=16"):
+        sample_shots(labels, np.array([0]), shots=16, seed=0)
+
+
+@pytest.mark.slow
+def test_pacs_domain_skew_clients_per_domain():
+    config = tiny("pacs", archive("pacs.tar.gz"), setting={"kind": "domain_skew", "clients_per_domain": 2})
+    splits = build_splits(config)
+    assert list(splits.groups) == ["art_painting", "cartoon", "photo", "sketch"]
+    assert all(len(ids) == 2 for ids in splits.groups.values())
+    train_files = {str(splits.train.sources[i]) for rows in splits.client_train for i in rows}
+    test_files = {str(splits.test.sources[i]) for rows in splits.client_test for i in rows}
+    assert train_files.isdisjoint(test_files)
+    for domain, ids in splits.groups.items():
+        for client in ids:
+            assert all(f"/{domain}/" in str(splits.train.sources[i]) for i in splits.client_train[client])
+            assert all(f"/{domain}/" in str(splits.test.sources[i]) for i in splits.client_test[client])
+
+
+@pytest.mark.slow
+def test_pacs_leave_one_domain_out_never_trains_on_target():
+    config = tiny(
+        "pacs", archive("pacs.tar.gz"), setting={"kind": "leave_one_domain_out", "held_out_domain": "photo"}
+    )
+    splits = build_splits(config)
+    assert "photo" not in splits.groups and list(splits.heldout) == ["photo"]
+    trained = [str(splits.train.sources[i]) for rows in splits.client_train for i in rows]
+    assert trained and not any("/photo/" in path for path in trained)
+    target = [str(splits.test.sources[i]) for i in splits.heldout["photo"]]
+    assert target and all("/photo/" in path for path in target)
+
+
+@pytest.mark.slow
+def test_caltech_base_to_new_split_and_new_class_names():
+    config = tiny(
+        "caltech101",
+        archive("caltech-101.tar.gz"),
+        setting={"kind": "base_to_new", "shots": 4},
+        partition={"num_clients": 10},
+    )
+    experiment = build_experiment(config)
+    splits = experiment.splits
+    assert len(splits.classnames) == 50 and len(splits.new_classnames) == 50
+    assert set(splits.classnames).isdisjoint(splits.new_classnames)
+    dealt = np.concatenate(splits.client_classes)
+    assert sorted(dealt.tolist()) == list(range(50))  # every base class to exactly one client
+    for classes, rows in zip(splits.client_classes, splits.client_train):
+        counts = np.bincount(splits.train.labels[rows], minlength=50)
+        assert counts[classes].tolist() == [4] * len(classes)
+        assert counts.sum() == 4 * len(classes)
+    # The new classes are scored against their own names, not the base names.
+    assert experiment.new_model.classnames == splits.new_classnames
+    assert experiment.model.classnames == splits.classnames
+    assert int(experiment.new_eval_dataset.labels.max()) < 50
+
+
+@pytest.mark.slow
+def test_reproduce_domain_skew_and_base_to_new_end_to_end(tmp_path, capsys):
+    quick = [
+        "--set", "model.name=tiny", "--set", "model.random_init=true",
+        "--set", "data.max_train_per_class=6", "--set", "data.max_test_per_class=3",
+        "--set", "partition.min_samples=2", "--set", "setting.shots=2",
+        "--set", "federated.rounds=1", "--quiet",
+    ]
+    code = main(
+        ["reproduce", "domain_skew", "--datasets", "pacs", "--data-root", f"pacs={archive('pacs.tar.gz')}",
+         "--output", str(tmp_path / "ds"), *quick]
+    )
+    assert code == 0
+    table = (tmp_path / "ds" / "table.md").read_text()
+    for domain in ("art_painting", "cartoon", "photo", "sketch", "all (client mean)"):
+        assert table.count(f"| {domain} |") == 2, domain  # one row per method
+    assert "pipeline check" in table
+
+    code = main(
+        ["reproduce", "base_to_new", "--datasets", "caltech101",
+         "--data-root", f"caltech101={archive('caltech-101.tar.gz')}", "--output", str(tmp_path / "b2n"), *quick]
+    )
+    assert code == 0
+    rows = (tmp_path / "b2n" / "table.csv").read_text().splitlines()
+    assert rows[0] == "dataset,method,base Acc,new Acc,HM,base ECE,new ECE,local Acc,local ECE"
+    assert len(rows) == 3
+    record = json.loads((tmp_path / "b2n" / "caltech101" / "fl2ora" / "metrics.jsonl").read_text().splitlines()[-1])
+    part = record["base_to_new"]
+    base, new = part["base"]["accuracy"], part["new"]["accuracy"]
+    expected = 0.0 if base + new == 0 else 2 * base * new / (base + new)
+    assert part["harmonic_mean_accuracy"] == pytest.approx(expected)
+
+
+def test_reproduce_rejects_unknown_setting_and_dataset(capsys):
+    assert main(["reproduce", "cross_silo"]) == 2
+    assert "Unknown setting 'cross_silo'" in capsys.readouterr().err
+    assert main(["reproduce", "domain_skew", "--datasets", "cifar10"]) == 2
+    assert "not part of domain_skew" in capsys.readouterr().err
