@@ -36,8 +36,10 @@ def tiny_config(root, **sections):
         "name": "flower-unit",
         "seed": 3,
         "model": {"name": "tiny", "random_init": True, "device": "cpu"},
-        "data": {"dataset": "image_folder", "root": str(root), "augment": False},
-        "partition": {"method": "dirichlet", "num_clients": 3, "beta": 1.0, "min_samples": 5},
+        # 12 training and 8 test images per class keep every client update to a few steps.
+        "data": {"dataset": "image_folder", "root": str(root), "augment": False, "max_train_per_class": 12,
+                 "max_test_per_class": 8},
+        "partition": {"method": "dirichlet", "num_clients": 3, "beta": 1.0, "min_samples": 3},
         "federated": {"rounds": 1, "fraction": 1.0},
         "train": {"lr": 0.05, "batch_size": 8},
         "eval": {"every": 1},
