@@ -23,6 +23,30 @@ def trainable_state_dict(model: nn.Module) -> StateDict:
     }
 
 
+def describe_mismatch(
+    state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], label: str = "state"
+) -> str | None:
+    """Describe how ``state`` differs from ``reference`` in names and shapes, or return None.
+
+    The text lists up to five missing names, unexpected names and shape mismatches,
+    with the shape in ``state`` under ``label`` and the shape in ``reference``.
+    """
+    missing = sorted(set(reference) - set(state))
+    unexpected = sorted(set(state) - set(reference))
+    mismatched = [
+        f"{name}: {label} {tuple(state[name].shape)}, model {tuple(reference[name].shape)}"
+        for name in sorted(set(reference) & set(state))
+        if state[name].shape != reference[name].shape
+    ]
+    if not (missing or unexpected or mismatched):
+        return None
+    return (
+        f"Missing: {missing[:5]}{' ...' if len(missing) > 5 else ''}; "
+        f"unexpected: {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}; "
+        f"shape mismatches: {mismatched[:5]}."
+    )
+
+
 def load_trainable_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """Copy ``state`` into the trainable parameters of ``model``.
 
@@ -31,19 +55,11 @@ def load_trainable_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor
             message lists them. Nothing is copied in that case.
     """
     parameters = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    missing = sorted(set(parameters) - set(state))
-    unexpected = sorted(set(state) - set(parameters))
-    mismatched = [
-        f"{name}: expected {tuple(parameters[name].shape)}, got {tuple(state[name].shape)}"
-        for name in sorted(set(parameters) & set(state))
-        if parameters[name].shape != state[name].shape
-    ]
-    if missing or unexpected or mismatched:
+    problem = describe_mismatch(state, parameters)
+    if problem is not None:
         raise ValueError(
-            "Trainable state does not match the model. "
-            f"Missing: {missing[:5]}{' ...' if len(missing) > 5 else ''}; "
-            f"unexpected: {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}; "
-            f"shape mismatches: {mismatched[:5]}. Was it saved with the same method and configuration?"
+            f"Trainable state does not match the model. {problem} "
+            "Was it saved with the same method and configuration?"
         )
     with torch.no_grad():
         for name, parameter in parameters.items():

@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fl2ora.federated.rules import FedDynClientState, FedDynServerState
+from fl2ora.model.trainable import describe_mismatch
 from fl2ora.runtime.faults import fault_point
 
 logger = logging.getLogger(__name__)
@@ -181,15 +182,8 @@ def check_tensors_match(saved: Mapping[str, torch.Tensor], expected: Mapping[str
     Raises:
         CheckpointError: listing missing and unexpected names and shape mismatches.
     """
-    missing = sorted(set(expected) - set(saved))
-    unexpected = sorted(set(saved) - set(expected))
-    mismatched = [
-        f"{name}: checkpoint {tuple(saved[name].shape)}, model {tuple(expected[name].shape)}"
-        for name in sorted(set(saved) & set(expected))
-        if saved[name].shape != expected[name].shape
-    ]
-    if missing or unexpected or mismatched:
+    problem = describe_mismatch(saved, expected, label="checkpoint")
+    if problem is not None:
         raise CheckpointError(
-            f"The checkpoint's {what} does not match the model built from the configuration. "
-            f"Missing: {missing[:5]}; unexpected: {unexpected[:5]}; shape mismatches: {mismatched[:5]}."
+            f"The checkpoint's {what} does not match the model built from the configuration. {problem}"
         )

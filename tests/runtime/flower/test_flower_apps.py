@@ -224,10 +224,9 @@ def test_missing_reply_logged_and_min_replies_keeps_model(tiny_image_folder, tmp
 
 
 def test_client_error_reply_counts_as_failed(tiny_image_folder, tmp_path, caplog):
-    # A node configured for 4 partitions while the run has 3: its ClientApp raises, Flower replies with an error.
+    # Node 0's data-root does not exist: its ClientApp raises, and the grid replies with an error, as a SuperNode does.
     config = tiny_config(tiny_image_folder, federated={"rounds": 1})
-    configs = nodes(3)
-    grid = InProcessGrid(client_app.app, configs, seed=1)
+    grid = InProcessGrid(client_app.app, nodes(3), seed=1)
     grid.contexts[grid.node_id_of(0)].node_config["data-root"] = str(tiny_image_folder / "missing")
     with caplog.at_level(logging.WARNING, logger="fl2ora"):
         run_dir = run_server(grid, config, tmp_path)
