@@ -206,7 +206,7 @@ def plot_ece_vs_accuracy(rows: Sequence[dict[str, Any]], keys: Sequence[str], pa
     if any(row["random_init"] for row in rows):
         title += "\nRandom-initialised backbone: pipeline check only"
     axes.set_title(title)
-    axes.legend(title="method", fontsize="small")
+    axes.legend(title="method", fontsize="small", loc="upper right")
     axes.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path)
