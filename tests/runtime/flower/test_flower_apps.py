@@ -22,8 +22,8 @@ from fl2ora.model.trainable import load_adapter, trainable_state_dict  # noqa: E
 from fl2ora.rundir import read_metrics  # noqa: E402
 from fl2ora.runtime.flower import client_app, server_app  # noqa: E402
 from fl2ora.runtime.flower.inprocess import InProcessGrid  # noqa: E402
+from fl2ora.runtime.flower.keys import FEDDYN_STATE_KEY  # noqa: E402
 from fl2ora.runtime.flower.messages import (  # noqa: E402
-    FEDDYN_STATE_KEY,
     array_record_to_state,
     record_to_feddyn_state,
     state_to_array_record,
@@ -188,7 +188,8 @@ def test_nan_reply_rejected_in_full_run(tiny_image_folder, tmp_path, caplog):
     assert record["clients_failed"] == [1]
     assert record["clients_dropped"] == [1]
     assert record["global_model_updated"] is True
-    assert "rejected the reply of partition 1" in caplog.text and "NaN or infinite" in caplog.text
+    assert "rejected the reply of partition 1" in caplog.text
+    assert "NaN or infinite" in caplog.text
 
     # The new global model is the FedAvg of partitions 0 and 2 only.
     good = [m for m in train_messages(grid.received) if m.content["metrics"]["partition-id"] != 1]
@@ -233,4 +234,5 @@ def test_client_error_reply_counts_as_failed(tiny_image_folder, tmp_path, caplog
     record = read_metrics(run_dir)[0]
     assert record["clients_failed"] == [0]
     assert record["clients_dropped"] == [0]
-    assert "partition 0 (node" in caplog.text and "failed" in caplog.text
+    assert "partition 0 (node" in caplog.text
+    assert "failed" in caplog.text

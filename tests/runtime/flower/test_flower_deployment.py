@@ -1,10 +1,11 @@
 """A real TLS federation on 127.0.0.1: flower-superlink, 3 flower-supernode processes, a SuperNode killed.
 
 Runs ``fl2ora flower`` as a subprocess on real CIFAR-10 images with the tiny
-model, kills SuperNode 0 (SIGKILL to its process group) as soon as round 1 is
-recorded, and checks that round 2 completes without it, that every socket the
-federation listens on is bound to 127.0.0.1, and that no process the launcher
-started (seen by this test's own scan of the launcher's descendants) outlives it.
+model. As soon as round 1 is recorded, it kills SuperNode 0 (SIGKILL to its
+process group). It checks that round 2 completes without it and that every
+socket the federation listens on is bound to 127.0.0.1. It also checks that no
+process the launcher started outlives it, from this test's own scan of the
+launcher's descendants and from the launcher's process list.
 """
 
 import json
@@ -24,7 +25,8 @@ pytest.importorskip("flwr")
 pytestmark = [pytest.mark.slow, pytest.mark.deployment]
 
 BIN = Path(sys.executable).parent
-ROUND_TIMEOUT = 45  # seconds; a normal round of 3 clients takes about 30 s on 2 cores
+# Seconds. A round of 3 clients took 24 to 30 s on 2 CPU cores; round 2 waits this long for the killed node.
+ROUND_TIMEOUT = 60
 
 
 def process_table():
@@ -107,7 +109,7 @@ def test_tls_federation_survives_killed_supernode(cifar10_archive, tmp_path):
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
                FLWR_HOME=str(tmp_path / "flwr-home"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     command = [sys.executable, "-m", "fl2ora", "flower", "config.yaml", "--output", str(output),
-               "--round-timeout", str(ROUND_TIMEOUT), "--node-wait-timeout", "90", "--run-timeout", "170"]
+               "--round-timeout", str(ROUND_TIMEOUT), "--node-wait-timeout", "90", "--run-timeout", "240"]
     started = time.monotonic()
     log_path = tmp_path / "launcher.log"
     with log_path.open("w") as log:
@@ -115,7 +117,7 @@ def test_tls_federation_survives_killed_supernode(cifar10_archive, tmp_path):
                                     stdin=subprocess.DEVNULL, start_new_session=True)
     seen, addresses, killed = {}, [], None
     try:
-        deadline = started + 200
+        deadline = started + 270
         while launcher.poll() is None and time.monotonic() < deadline:
             seen.update(descendants_of(launcher.pid))
             metrics = output / "metrics.jsonl"
@@ -134,7 +136,6 @@ def test_tls_federation_survives_killed_supernode(cifar10_archive, tmp_path):
             except subprocess.TimeoutExpired:
                 os.killpg(launcher.pid, signal.SIGKILL)
                 launcher.wait()
-    elapsed = time.monotonic() - started
     launcher_log = log_path.read_text()
 
     assert returncode == 0, launcher_log[-4000:]
@@ -147,7 +148,8 @@ def test_tls_federation_survives_killed_supernode(cifar10_archive, tmp_path):
     assert left == [], f"processes still running: {left}"
 
     # Over TLS, on loopback only.
-    assert "--ssl-certfile" in launcher_log and "--root-certificates" in launcher_log
+    assert "--ssl-certfile" in launcher_log
+    assert "--root-certificates" in launcher_log
     assert "--insecure" not in launcher_log
     assert "Uvicorn running on https://127.0.0.1:" in (folder / "logs" / "superlink.log").read_text()
     assert addresses, "no listening socket found while the federation ran"
@@ -162,10 +164,10 @@ def test_tls_federation_survives_killed_supernode(cifar10_archive, tmp_path):
     assert 0 in records[1]["clients_missing"] + records[1]["clients_failed"]
     assert records[1]["global_model_updated"] is True
     for record in records:
-        assert record["bytes"]["down"] > 0 and record["bytes"]["up"] > 0
+        assert record["bytes"]["down"] > 0
+        assert record["bytes"]["up"] > 0
         assert 0.0 <= record["mean"]["accuracy"] <= 1.0
     summary = json.loads((output / "summary.json").read_text())
     assert summary["runtime"] == "flower"
     assert summary["rounds"] == 2
     assert "partition 0 (node" in (output / "run.log").read_text()
-    assert elapsed < 200, f"the deployment took {elapsed:.0f} s"

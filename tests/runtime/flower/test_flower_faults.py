@@ -66,7 +66,7 @@ def corrupt(kind, partition):
 
 
 def stub_app(make_content):
-    """A ClientApp that answers queries like fl2ora's and replies to training with ``make_content(partition)``."""
+    """Return a ClientApp with fl2ora's query handler whose training reply is ``make_content(partition)``."""
     app = ClientApp()
     app.query()(client_app.query)
 
@@ -137,7 +137,8 @@ def test_error_reply_logged_by_partition(caplog):
     with caplog.at_level(logging.WARNING, logger="fl2ora"):
         strategy, _, _ = run_one_round(lambda p: None if p == 2 else good_content(p))
     assert strategy.round_records[1]["clients_failed"] == [2]
-    assert "partition 2 (node" in caplog.text and "simulated ClientApp failure" in caplog.text
+    assert "partition 2 (node" in caplog.text
+    assert "simulated ClientApp failure" in caplog.text
     for name, value in fedavg_numpy([0, 1]).items():
         np.testing.assert_allclose(strategy.global_state[name].numpy(), value, rtol=1e-6, atol=1e-7)
 

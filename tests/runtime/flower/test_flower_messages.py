@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("flwr")
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict  # noqa: E402
+from flwr.app import Array, ConfigRecord, MetricRecord, RecordDict  # noqa: E402
 
 from fl2ora.runtime.flower.client_app import node_partition  # noqa: E402
 from fl2ora.runtime.flower.messages import (  # noqa: E402
@@ -87,7 +87,7 @@ def _undecodable_record():
 
 
 def _lying_shape_record():
-    # Declares (4,) but holds a (2, 2) array.
+    # Declares (4,) but contains a (2, 2) array.
     record = state_to_array_record(good_state())
     real = Array(np.zeros((2, 2), dtype=np.float32))
     record["bias"] = Array(dtype="float32", shape=(4,), stype=real.stype, data=real.data)

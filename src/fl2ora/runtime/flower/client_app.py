@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 # A deployed SuperNode starts one ClientApp process per message. The training
 # modules (torch, transformers) are imported inside the handlers that need them,
-# so that answering a partition query starts in well under a second.
+# so that a process that replies to a partition query starts in well under a second.
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class ExperimentCache:
     The Simulation Runtime and the in-process grid send many messages to one
     process, and building the backbone and dataset dominates a small client
     update. A deployed SuperNode starts a new ClientApp process per message, so
-    there the cache holds one entry for one message.
+    there the cache is used for one message only.
     """
 
     def __init__(self) -> None:
@@ -126,7 +126,7 @@ def train_partition(content: RecordDict, context: Context, cache: ExperimentCach
 
     Returns:
         The reply: exactly the trained trainable tensors and the MetricRecord of
-        :data:`~fl2ora.runtime.flower.messages.REPLY_METRIC_KEYS`.
+        :data:`~fl2ora.runtime.flower.keys.REPLY_METRIC_KEYS`.
 
     Raises:
         ValueError: when the node's partitions do not match the run, the

@@ -30,7 +30,7 @@ def add_flower_command(commands: Any) -> None:
     flower.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a configuration value (repeatable; values are YAML)")
     flower.add_argument("--output", help="run directory (default: runs/<name>-<date>-<time>)")
-    flower.add_argument("--overwrite", action="store_true", help="replace a run directory that already holds a run")
+    flower.add_argument("--overwrite", action="store_true", help="replace a run directory that already contains a run")
     flower.add_argument("--flower-dir", help="folder for certificates, Flower state and process logs "
                         "(default: <output>.flower)")
     flower.add_argument("--insecure", action="store_true",

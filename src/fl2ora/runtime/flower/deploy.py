@@ -405,7 +405,7 @@ def run_local_deployment(
         config: the fl2ora configuration; ``partition.num_clients`` SuperNodes start.
         output: the run directory the ServerApp fills, as ``fl2ora run --output``.
         folder: the federation folder; default ``<output>.flower``.
-        overwrite: replace a run directory that already holds a run.
+        overwrite: replace a run directory that already contains a run.
         insecure: no TLS (debugging only).
         min_replies, round_timeout, node_wait_timeout: see
             :class:`~fl2ora.runtime.flower.server_app.FlowerRunSettings`.
@@ -417,8 +417,8 @@ def run_local_deployment(
         The outcome read from ``flwr ls``; check :attr:`RunOutcome.succeeded`.
 
     Raises:
-        FileExistsError: when ``output`` holds a run and ``overwrite`` is false, or
-            ``folder`` holds files fl2ora did not make.
+        FileExistsError: when ``output`` contains a run and ``overwrite`` is false, or
+            ``folder`` contains files fl2ora did not make.
         FileNotFoundError: when the Flower executables are not installed.
     """
     output = Path(output).resolve()

@@ -1,7 +1,7 @@
 """Record and metric keys of the messages between the fl2ora ServerApp and ClientApp.
 
-Kept free of imports so that a ClientApp process answering a partition query
-starts without loading torch.
+Kept free of imports so that a ClientApp process that replies to a partition
+query starts without loading torch.
 """
 
 ARRAYS_KEY = "arrays"

@@ -1,12 +1,11 @@
-"""What travels between the fl2ora ServerApp and ClientApp, and the checks on every reply.
+"""Message contents between the fl2ora ServerApp and ClientApp, and the checks on every reply.
 
 A training instruction carries two records: the global trainable state as an
-``ArrayRecord`` under :data:`ARRAYS_KEY` and a ``ConfigRecord`` under
-:data:`CONFIG_KEY` with the round, the resolved fl2ora configuration (JSON) and,
-for FedProx, ``proximal-mu``. A training reply carries exactly the trained
-trainable tensors under :data:`ARRAYS_KEY` and a ``MetricRecord`` under
-:data:`METRICS_KEY` with the keys of :data:`REPLY_METRIC_KEYS` (the keys live in
-:mod:`fl2ora.runtime.flower.keys`).
+``ArrayRecord`` under ``"arrays"`` and a ``ConfigRecord`` under ``"config"`` with
+the round, the resolved fl2ora configuration (JSON) and, for FedProx,
+``proximal-mu``. A training reply carries exactly the trained trainable tensors
+under ``"arrays"`` and a ``MetricRecord`` under ``"metrics"`` with the keys of
+:data:`~fl2ora.runtime.flower.keys.REPLY_METRIC_KEYS`.
 
 :func:`parse_train_reply` turns a reply into a
 :class:`~fl2ora.federated.client.ClientUpdate` or raises :class:`InvalidReplyError`
@@ -26,18 +25,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from fl2ora.federated.client import ClientUpdate
 from fl2ora.federated.rules import FedDynClientState
 from fl2ora.model.trainable import StateDict
-from fl2ora.runtime.flower.keys import (  # noqa: F401 - re-exported for the apps
-    ARRAYS_KEY,
-    CONFIG_KEY,
-    FEDDYN_STATE_KEY,
-    METRICS_KEY,
-    NUM_PARTITIONS_KEY,
-    PARTITION_KEY,
-    PROXIMAL_MU_KEY,
-    REPLY_METRIC_KEYS,
-    ROUND_KEY,
-    RUN_CONFIG_KEY,
-)
+from fl2ora.runtime.flower.keys import ARRAYS_KEY, METRICS_KEY, NUM_PARTITIONS_KEY, PARTITION_KEY
 
 TRAINABLE_DTYPE = "float32"
 """Every trainable tensor travels as fp32, as :func:`~fl2ora.model.trainable.trainable_state_dict` returns it."""
@@ -118,12 +106,15 @@ def parse_train_reply(
 ) -> ClientUpdate:
     """Check a training reply and convert it into a client update.
 
-    The reply is rejected when it has records other than the ArrayRecord and the
-    MetricRecord, a metric is missing or has the wrong type, it reports another
-    partition than the one the instruction went to, its loss became non-finite,
-    the example count is not positive, the step count is below 1, a tensor is
-    missing or unexpected, has another shape or dtype than the global state,
-    cannot be decoded, or holds NaN or infinite values.
+    The reply is rejected when:
+
+    - it has records other than the ArrayRecord and the MetricRecord;
+    - a metric is missing or has the wrong type;
+    - it reports another partition than the one the instruction went to;
+    - its training loss became non-finite;
+    - the example count is not positive, or the step count is below 1;
+    - a tensor is missing or unexpected, has another shape or dtype than the
+      global state, cannot be decoded, or contains NaN or infinite values.
 
     Args:
         content: the reply's records.

@@ -1,8 +1,8 @@
-"""Which Flower node serves which fl2ora partition.
+"""The map from Flower node ids to fl2ora partitions.
 
 Flower gives every SuperNode a random node id. fl2ora samples clients by
-partition id (``partition-id`` in each node's ``node_config``), so the server asks
-every new node for its partition with a query message and keeps the map.
+partition id (``partition-id`` in each node's ``node_config``), so the server sends
+every new node a query message for its partition and keeps the map.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import time
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fl2ora.runtime.flower.messages import CONFIG_KEY, NUM_PARTITIONS_KEY, InvalidReplyError, parse_query_reply
+from fl2ora.runtime.flower.keys import CONFIG_KEY, NUM_PARTITIONS_KEY
+from fl2ora.runtime.flower.messages import InvalidReplyError, parse_query_reply
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ class PartitionDirectory:
         answered = {reply.metadata.src_node_id for reply in replies}
         for node_id in unknown:
             if node_id not in answered:
-                logger.warning("Node %d did not answer the partition query within %.0f s", node_id, self.query_timeout)
+                logger.warning("Node %d sent no reply to the partition query within %.0f s", node_id, self.query_timeout)
 
     def _register(self, reply: Message) -> None:
         node_id = reply.metadata.src_node_id

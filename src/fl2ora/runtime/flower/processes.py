@@ -3,7 +3,7 @@
 Flower's SuperLink and SuperNodes start helper processes (``flower-superexec``,
 ``flwr-serverapp``, ``flwr-clientapp``), some in new sessions, so signalling the
 launcher's process groups is not enough. :class:`ProcessTracker` records every
-descendant it sees, by pid and start time, from a background thread, and
+descendant it finds, by pid and start time, from a background thread, and
 :meth:`ProcessTracker.stop_all` signals exactly those that are still running. The
 start time guards against a reused pid.
 
@@ -147,8 +147,8 @@ class ProcessTracker:
     def stop_all(self, grace: float = 10.0) -> None:
         """Stop every tracked process: SIGTERM, then SIGKILL after ``grace`` seconds.
 
-        The started processes get SIGTERM in reverse start order so that Flower
-        shuts down its own helpers; anything tracked that still runs after
+        The started processes get SIGTERM in reverse start order, so that Flower
+        shuts down its own helpers. Any tracked process that still runs after
         ``grace`` seconds gets SIGKILL.
         """
         self.scan()
@@ -175,6 +175,9 @@ class ProcessTracker:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+        kill_deadline = time.monotonic() + 5.0
+        while self.running() and time.monotonic() < kill_deadline:
+            time.sleep(0.05)
         for name, process in self.started.items():
             # Without /proc only the groups of the started processes can be swept.
             if not _PROC.is_dir():

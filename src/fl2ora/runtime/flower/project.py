@@ -1,9 +1,9 @@
 """The Flower app project (``pyproject.toml``) that ``flwr run`` builds into a FAB.
 
-The app holds no code: its components name the ClientApp and ServerApp of the
+The app contains no code. Its components name the ClientApp and ServerApp of the
 installed fl2ora package, so fl2ora (with the ``flower`` extra) must be installed
 wherever a SuperLink or SuperNode runs. The repository's ``flower_app/`` folder
-holds a copy of :data:`APP_PYPROJECT` for running ``flwr run flower_app ...`` by hand.
+contains a copy of :data:`APP_PYPROJECT` for running ``flwr run flower_app ...`` by hand.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 APP_PYPROJECT = """\
-# The fl2ora Flower app. `flwr run flower_app <connection>` packs this file into a FAB;
-# the components come from the installed fl2ora package, which every SuperLink and
+# The fl2ora Flower app. `flwr run flower_app <connection>` packs this file into a FAB.
+# The components come from the installed fl2ora package, which every SuperLink and
 # SuperNode environment needs (pip install 'fl2ora[flower]').
 [project]
 name = "fl2ora-flower"
@@ -32,7 +32,7 @@ clientapp = "fl2ora.runtime.flower.client_app:app"
 [tool.flwr.app.config]
 config = ""                  # fl2ora YAML on the SuperLink host (absolute path); "" = defaults
 output = "runs/flower"       # run directory; use an absolute path
-overwrite = false            # replace a run directory that already holds a run
+overwrite = false            # replace a run directory that already contains a run
 min-replies = 1              # valid updates a round needs to change the global model
 round-timeout = 600.0        # seconds to wait for the replies of one round
 node-wait-timeout = 300.0    # seconds to wait before round 1 for a node per partition

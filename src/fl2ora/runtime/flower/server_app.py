@@ -3,7 +3,7 @@
 The server evaluates the global state itself, on every client's local test split,
 with the same function as the in-process simulation. Given the same configuration
 and seed, a Flower run therefore writes the same adapter and the same metrics as
-``fl2ora run``; only timings, traffic and the ``runtime`` field differ. This needs
+``fl2ora run``. Only timings, traffic and the ``runtime`` field differ. This needs
 the dataset on the SuperLink's host too, which holds on one host and wherever the
 dataset is copied next to the SuperLink.
 
@@ -38,7 +38,8 @@ from fl2ora.runtime.flower.messages import state_to_array_record
 from fl2ora.runtime.flower.nodes import PartitionDirectory
 from fl2ora.runtime.flower.strategies import make_strategy
 from fl2ora.runtime.outputs import write_final_outputs
-from fl2ora.runtime.simulation import _evaluate, make_algorithm
+# The simulation's evaluation and score logging, so both runtimes score and report alike.
+from fl2ora.runtime.simulation import _evaluate, _log_scores, make_algorithm
 
 logger = logging.getLogger(__name__)
 
@@ -55,13 +56,13 @@ class FlowerRunSettings:
     output: str = "runs/flower"
     """Run directory, as ``fl2ora run --output``; relative paths as for ``config``."""
     overwrite: bool = False
-    """Replace a run directory that already holds a run."""
+    """Replace a run directory that already contains a run."""
     min_replies: int = 1
-    """Valid client updates a round needs to change the global model; with fewer, the
-    round keeps the previous global model and says so."""
+    """Valid client updates a round needs to change the global model. With fewer, the
+    round keeps the previous global model and logs a warning."""
     round_timeout: float = 600.0
-    """Seconds the server waits for the replies of one round (and of one batch of
-    partition queries); replies arriving later are dropped and their clients logged."""
+    """Seconds the server waits for the replies of one round, and of one batch of
+    partition queries. Replies that arrive later are dropped and their clients logged."""
     node_wait_timeout: float = 300.0
     """Seconds to wait before round 1 for a node per partition; the run starts after
     this even when some partitions have no node."""
@@ -100,13 +101,6 @@ class FlowerRunSettings:
         return {key.replace("_", "-"): value for key, value in asdict(self).items()}
 
 
-def _log_scores(round_index: int, mean: Mapping[str, float]) -> None:
-    logger.info(
-        "Round %d: client-mean accuracy %.2f%%, ECE %.2f%%, MCE %.2f%%, ACE %.2f%%",
-        round_index, 100 * mean["accuracy"], 100 * mean["ece"], 100 * mean["mce"], 100 * mean["ace"],
-    )
-
-
 def run_federation(grid: Grid, config: RunConfig, settings: FlowerRunSettings) -> dict[str, Any]:
     """Run every round of ``config`` through ``grid`` and write the run directory.
 
@@ -120,7 +114,7 @@ def run_federation(grid: Grid, config: RunConfig, settings: FlowerRunSettings) -
         The summary written to ``summary.json`` (``runtime`` is ``flower``).
 
     Raises:
-        FileExistsError: when ``settings.output`` holds a run and ``overwrite`` is false.
+        FileExistsError: when ``settings.output`` contains a run and ``overwrite`` is false.
         ValueError: when ``min_replies`` exceeds the clients a round samples.
     """
     started = time.perf_counter()

@@ -23,7 +23,7 @@ import json
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -35,12 +35,8 @@ from fl2ora.config import RunConfig, config_to_dict
 from fl2ora.federated.algorithm import FederatedAlgorithm
 from fl2ora.federated.sampling import num_sampled, sample_clients
 from fl2ora.model.trainable import StateDict
+from fl2ora.runtime.flower.keys import ARRAYS_KEY, CONFIG_KEY, PROXIMAL_MU_KEY, ROUND_KEY, RUN_CONFIG_KEY
 from fl2ora.runtime.flower.messages import (
-    ARRAYS_KEY,
-    CONFIG_KEY,
-    PROXIMAL_MU_KEY,
-    ROUND_KEY,
-    RUN_CONFIG_KEY,
     InvalidReplyError,
     content_nbytes,
     parse_train_reply,
@@ -53,7 +49,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class _RoundInFlight:
-    """What the strategy sent in the current round, to match the replies against."""
+    """The instructions of the current round, to match the replies against."""
 
     index: int
     sampled: list[int]
@@ -61,7 +57,6 @@ class _RoundInFlight:
     unreachable: list[int]
     started: float
     bytes_down: int
-    records: dict[str, Any] = field(default_factory=dict)
 
 
 class Fl2oraFedAvg(FedAvg):
