@@ -140,3 +140,19 @@ def test_reproduce_rejects_unknown_setting_and_dataset(capsys):
     assert "Unknown setting 'cross_silo'" in capsys.readouterr().err
     assert main(["reproduce", "domain_skew", "--datasets", "cifar10"]) == 2
     assert "not part of domain_skew" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_pacs_leave_one_domain_out_end_to_end(tmp_path):
+    from fl2ora.rundir import RunDirectory, read_metrics
+    from fl2ora.runtime.simulation import run_simulation
+
+    config = tiny(
+        "pacs", archive("pacs.tar.gz"), setting={"kind": "leave_one_domain_out", "held_out_domain": "cartoon"}
+    )
+    summary = run_simulation(build_experiment(config), RunDirectory(tmp_path / "run"))
+    record = read_metrics(tmp_path / "run")[-1]
+    assert list(record["heldout"]) == ["cartoon"]
+    assert sorted(record["groups"]) == ["art_painting", "photo", "sketch"]
+    assert 0.0 <= record["heldout"]["cartoon"]["accuracy"] <= 1.0
+    assert summary["num_clients"] == 6
