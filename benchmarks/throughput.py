@@ -58,6 +58,8 @@ TEMPLATE = "a photo of a {}."
 CPU_MATMUL_SIZES = (512, 1024, 2048)
 CUDA_MATMUL_SIZES = (4096, 8192)
 PROFILE_TOP_OPS = 12
+# Ratio of the slowest to the fastest timed step above which a result is flagged as disturbed.
+STEP_TIME_SPREAD_WARNING = 1.25
 # Profiler operators that run matrix multiplies and convolutions. The profiler estimates FLOPs
 # for the first four only (it counts convolutions on the composite aten::conv2d).
 _GEMM_OPERATORS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
@@ -498,6 +500,13 @@ def measure_model(
     train_rate = achieved_flops_per_second(train_flops.total, train_seconds)
     eval_rate = achieved_flops_per_second(eval_flops.total, eval_seconds)
     notes = []
+    for kind, times in (("training", train_times), ("evaluation", eval_times)):
+        if max(times) > STEP_TIME_SPREAD_WARNING * min(times):
+            notes.append(
+                f"Timed {kind} steps took {min(times):.3f} to {max(times):.3f} s. A spread this large usually "
+                "means another process competed for the machine, so rerun on an idle machine."
+            )
+            logger.warning("%s: %s", name, notes[-1])
     eval_text_share = _encoder_shares(eval_flops)["text_model"]
     if eval_text_share > 0:
         # ZeroShotClassifier caches text features only when no text parameter is trainable.

@@ -85,6 +85,13 @@ def _build_parser() -> argparse.ArgumentParser:
     compare.add_argument("runs", nargs="+", help="run directories")
     compare.add_argument("--output", default=".", help="folder for comparison.md, comparison.csv, ece_vs_accuracy.png")
 
+    bench = commands.add_parser(
+        "bench", help="benchmark throughput, round time, memory and each speed-up on and off (random weights)"
+    )
+    from fl2ora.perf.options import add_bench_arguments  # imports no torch
+
+    add_bench_arguments(bench)
+
     from fl2ora.runtime.flower.command import add_flower_command  # imports no Flower code
 
     add_flower_command(commands)
@@ -209,6 +216,16 @@ def _command_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command_bench(args: argparse.Namespace, argv: list[str]) -> int:
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # only random-initialised architectures are built
+    from fl2ora.perf.suite import main_with_args
+
+    _configure_logging(quiet=False)
+    return main_with_args(args, " ".join(["fl2ora", *argv]))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fl2ora`` console script."""
     args = _build_parser().parse_args(argv)
@@ -221,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
             return _command_compare(args)
         if args.command == "reproduce":
             return _command_reproduce(args)
+        if args.command == "bench":
+            return _command_bench(args, list(sys.argv[1:] if argv is None else argv))
         if args.command == "flower":
             from fl2ora.runtime.flower.command import run_flower_command
 

@@ -1,7 +1,7 @@
 """Run configuration: typed dataclasses, YAML loading, ``key=value`` overrides.
 
 A configuration file is YAML with one mapping per section (``model``, ``lora``,
-``data``, ``partition``, ``federated``, ``train``, ``eval``) plus the top-level
+``data``, ``partition``, ``federated``, ``train``, ``eval``, ``perf``) plus the top-level
 keys ``name``, ``seed`` and ``method``. Every field is documented once, on its
 dataclass. Unknown keys and values of the wrong type are rejected with the
 closest valid key or the expected type.
@@ -33,6 +33,7 @@ __all__ = [
     "LoraConfig",
     "ModelConfig",
     "PartitionConfig",
+    "PerfConfig",
     "RunConfig",
     "TrainConfig",
     "apply_overrides",
@@ -336,6 +337,45 @@ class SettingConfig:
             raise ConfigError("setting.kind=leave_one_domain_out needs setting.held_out_domain, e.g. sketch.")
 
 
+@dataclass
+class PerfConfig:
+    """Speed-ups: each changes how a result is computed, never which method runs.
+
+    Setting a switch to false restores the plain computation. The switches marked
+    bit-identical give the same results either way; the others change features by
+    float rounding only (``docs/performance.md`` lists the measured differences).
+    """
+
+    text_feature_cache: bool = True
+    """Compute the class text features once per evaluation, and once per client update
+    when no text parameter trains, instead of for every batch. Bit-identical."""
+    trim_text_padding: bool = True
+    """Run the text encoder on prompts cut after the longest prompt's end-of-text token
+    instead of the whole 77-token context. The causal mask already hides the cut
+    positions from the pooled token, so features change by float rounding only."""
+    image_feature_cache: bool = True
+    """Compute each image's features once and reuse them in later rounds while no
+    image-encoder parameter trains (``zeroshot``, ``coop``, ``kgcoop``, and ``fl2ora``,
+    ``layernorm``, ``bitfit`` or ``full`` on the text encoder only): every test set, and
+    the training sets too when ``data.augment`` is false. MaPLe feeds learned prompts
+    into the image encoder, so it never uses the cache. Features differ from per-batch
+    ones by float rounding only."""
+    decoded_image_cache: bool = True
+    """Keep each image in memory as uint8 after its first read: decoded, and resized and
+    center-cropped when the transform starts with that (evaluation, or training with
+    ``data.augment`` false). Up to ``image_cache_mb``, shared by all clients. Bit-identical."""
+    image_cache_mb: int = 2048
+    """Memory budget of ``decoded_image_cache`` in MiB; images past it are read from
+    their source on every access."""
+
+    def __post_init__(self) -> None:
+        if self.image_cache_mb < 0:
+            raise ConfigError(
+                f"perf.image_cache_mb must be >= 0, got {self.image_cache_mb!r}. "
+                "Use 0 or perf.decoded_image_cache=false to turn the cache off."
+            )
+
+
 METHODS = ("zeroshot", "fl2ora", "coop", "kgcoop", "maple", "layernorm", "bitfit", "full")
 
 
@@ -364,6 +404,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     temperature: TemperatureConfig = field(default_factory=TemperatureConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
 
     def __post_init__(self) -> None:
         if not 0 <= self.seed < 2**32:

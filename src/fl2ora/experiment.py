@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,6 +20,7 @@ from fl2ora.data import clip_transforms
 from fl2ora.methods.lora import count_trainable
 from fl2ora.methods.registry import build_classifier, classifier_for_classnames
 from fl2ora.model.backbone import Backbone, load_backbone
+from fl2ora.perf.speedups import apply_speedups
 from fl2ora.settings import ClientSplits, build_splits
 
 logger = logging.getLogger(__name__)
@@ -58,6 +60,8 @@ class Experiment:
     """Base-to-new: a classifier over the new classes' names sharing the trained parameters."""
     new_eval_dataset: Dataset | None = None
     """Base-to-new: test images of the new classes."""
+    image_memory_budget: Any = None
+    """The decoded-image cache's shared :class:`~fl2ora.perf.images.ImageMemoryBudget`; None when that cache is off."""
 
     @property
     def num_clients(self) -> int:
@@ -99,7 +103,9 @@ def hold_out_validation(
 
 
 def build_experiment(config: RunConfig) -> Experiment:
-    """Load data, split it between clients as the setting says, and build the model.
+    """Load data, split it between clients as the setting says, build the model, and set up the speed-ups.
+
+    The speed-ups of ``config.perf`` are applied by :func:`fl2ora.perf.speedups.apply_speedups`.
 
     Raises:
         ConfigError: on settings the data cannot satisfy (for example more clients
@@ -146,7 +152,7 @@ def build_experiment(config: RunConfig) -> Experiment:
         splits.name, config.setting.kind, len(splits.classnames), clients,
         sum(len(rows) for rows in client_train_indices), len(eval_indices), trainable, device,
     )
-    return Experiment(
+    experiment = Experiment(
         config=config,
         splits=splits,
         backbone=backbone,
@@ -166,3 +172,5 @@ def build_experiment(config: RunConfig) -> Experiment:
         new_model=new_model,
         new_eval_dataset=splits.new_test.with_transform(eval_transform) if splits.new_test is not None else None,
     )
+    apply_speedups(experiment)
+    return experiment

@@ -28,14 +28,22 @@ def predict_probabilities(
 ) -> np.ndarray:
     """Return class probabilities ``(N, C) float32`` for every sample, in dataset order.
 
-    The model is put in evaluation mode, so LoRA dropout is off.
+    The model is put in evaluation mode, so LoRA dropout is off. When the model
+    carries an ``image_feature_cache`` that holds ``dataset`` and its image encoder
+    is frozen, the cached image features replace the images.
     """
     model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    cache = getattr(model, "image_feature_cache", None)
+    cached = cache.lookup(model, dataset, device, precision) if cache is not None else None
+    if cached is not None:
+        batches = ((features, model.classify_features) for features in cached.features.split(batch_size))
+    else:
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+        batches = ((images.to(device, non_blocking=True), model) for images, _ in loader)
     chunks = []
-    for images, _ in loader:
+    for inputs, forward in batches:
         with autocast_context(device, precision):
-            logits = model(images.to(device, non_blocking=True))
+            logits = forward(inputs)
         chunks.append(torch.softmax(logits.float(), dim=-1).cpu())
     return torch.cat(chunks).numpy()
 

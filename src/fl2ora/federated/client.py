@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from fl2ora.config import TrainConfig
 from fl2ora.losses import CalibrationLossConfig, training_loss
@@ -66,6 +66,11 @@ def client_update(
     the configured calibration term, the method's own regulariser (KgCoOp) and the
     aggregation rule's ``penalty`` on the trainable parameters (FedProx, FedDyn).
 
+    When the model carries an ``image_feature_cache`` (set up from ``perf``) that
+    holds this dataset, and the image encoder is frozen, the batches are cached
+    image features fed to ``model.classify_features`` instead of images: the same
+    samples in the same order, without running the image encoder.
+
     Raises:
         ValueError: when the client has no training samples.
     """
@@ -80,6 +85,13 @@ def client_update(
     loss_config = loss_config or CalibrationLossConfig()
     regularizer = getattr(model, "regularization_loss", None)
     generator = torch.Generator().manual_seed(seed)
+    forward = model
+    cache = getattr(model, "image_feature_cache", None)
+    cached = cache.lookup(model, dataset, device, precision, training=True) if cache is not None else None
+    if cached is not None:
+        # Same length and generator, so the sampler draws the same order as over the images.
+        dataset = TensorDataset(cached.features, cached.labels)
+        forward = model.classify_features
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=generator)
 
     total_loss, steps, finite = 0.0, 0, True
@@ -89,7 +101,7 @@ def client_update(
             for images, labels in loader:
                 images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
                 with autocast_context(device, precision):
-                    logits = model(images)
+                    logits = forward(images)
                 loss = training_loss(logits.float(), labels, loss_config)
                 extra = regularizer() if callable(regularizer) else None
                 if extra is not None:

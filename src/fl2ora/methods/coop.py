@@ -30,7 +30,7 @@ from fl2ora.model.text_encoder import (
     embed_phrase,
     encode_text_from_embeddings,
 )
-from fl2ora.model.zero_shot import format_prompts
+from fl2ora.model.zero_shot import format_prompts, text_dropout_active
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +100,8 @@ class PromptLearnerClassifier(nn.Module):
     M tokens after the start-of-text token are replaced by the context vectors
     ``ctx``. Every CLIP parameter is frozen, so ``ctx`` is the only trainable
     tensor. Logits are ``exp(logit_scale) * cos(image, text) / tau``, as in
-    :class:`fl2ora.model.zero_shot.ZeroShotClassifier`.
+    :class:`fl2ora.model.zero_shot.ZeroShotClassifier`, including its
+    ``cache_text_features`` and ``trim_text_padding`` attributes.
 
     Args:
         clip: the CLIP model, frozen in place.
@@ -177,6 +178,9 @@ class PromptLearnerClassifier(nn.Module):
 
         self._text_cache = TextFeatureCache()
         self._last_text_features: torch.Tensor | None = None
+        self.cache_text_features = True
+        self.trim_text_padding = False
+        self._prompt_length = int(tokens.eos_positions.max()) + 1  # longest prompt, tokens
         logger.info(
             "CoOp context: %d %s vectors of width %d, init %r, KgCoOp weight %s, %d classes",
             n_ctx, "class-specific" if settings.class_specific else "shared", width, settings.init,
@@ -204,7 +208,10 @@ class PromptLearnerClassifier(nn.Module):
 
     def encode_text(self) -> torch.Tensor:
         """Return the L2-normalised class text features, (C, D)."""
-        pooled = encode_text_from_embeddings(self.clip.text_model, self.prompt_embeddings(), self.eos_positions)
+        embeddings = self.prompt_embeddings()  # (C, L, W)
+        if self.trim_text_padding and not (self.training and text_dropout_active(self.clip)):
+            embeddings = embeddings[:, : self._prompt_length]
+        pooled = encode_text_from_embeddings(self.clip.text_model, embeddings, self.eos_positions)
         return F.normalize(self.clip.text_projection(pooled), dim=-1)
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -214,17 +221,23 @@ class PromptLearnerClassifier(nn.Module):
 
     def class_text_features(self) -> torch.Tensor:
         """Return the class text features (C, D), cached during evaluation."""
-        features = self._text_cache.get(self.encode_text, self.parameters(), self.training)
+        if self.cache_text_features:
+            features = self._text_cache.get(self.encode_text, self.parameters(), self.training)
+        else:
+            features = self.encode_text()
         if torch.is_grad_enabled():
             self._last_text_features = features  # reused by regularization_loss in the same step
         return features
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Return class logits (N, C) for images (N, 3, H, W)."""
-        image = self.encode_image(pixel_values)  # (N, D)
+    def classify_features(self, image: torch.Tensor) -> torch.Tensor:
+        """Return class logits (N, C) for L2-normalised image features ``image: (N, D)``."""
         text = self.class_text_features().to(image.dtype)  # (C, D)
         scale = self.clip.logit_scale.exp() / self.tau
         return scale * image @ text.t()
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Return class logits (N, C) for images (N, 3, H, W)."""
+        return self.classify_features(self.encode_image(pixel_values))
 
     def regularization_loss(self) -> torch.Tensor | None:
         """Return KgCoOp's term, or None when ``kgcoop_weight`` is 0.

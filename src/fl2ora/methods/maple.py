@@ -31,6 +31,7 @@ from fl2ora.model.text_encoder import (
     encode_image_with_prompts,
     encode_text_from_embeddings,
 )
+from fl2ora.model.zero_shot import text_dropout_active
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +79,10 @@ class MaPLeClassifier(nn.Module):
     """CLIP with MaPLe's coupled text and vision prompts.
 
     Logits are ``exp(logit_scale) * cos(image, text) / tau``, as in
-    :class:`fl2ora.model.zero_shot.ZeroShotClassifier`.
+    :class:`fl2ora.model.zero_shot.ZeroShotClassifier`, including its
+    ``cache_text_features`` and ``trim_text_padding`` attributes. There is no
+    ``classify_features``: the image features depend on the learned prompts, so
+    they cannot be cached.
 
     Args:
         clip: the CLIP model, frozen in place.
@@ -164,6 +168,9 @@ class MaPLeClassifier(nn.Module):
         self.register_buffer("eos_positions", tokens.eos_positions.to(device), persistent=False)  # (C,)
 
         self._text_cache = TextFeatureCache()
+        self.cache_text_features = True
+        self.trim_text_padding = False
+        self._prompt_length = int(tokens.eos_positions.max()) + 1  # longest prompt, tokens
         logger.info(
             "MaPLe: %d prompt tokens in blocks 0-%d of both encoders, init %r, %d classes",
             n_ctx, settings.depth - 1, settings.init, self.num_classes,
@@ -192,8 +199,11 @@ class MaPLeClassifier(nn.Module):
         """Return the L2-normalised class text features, (C, D)."""
         if prompts is None:
             prompts = self.prompts()
+        text = prompts.text  # (C, L, W)
+        if self.trim_text_padding and not (self.training and text_dropout_active(self.clip)):
+            text = text[:, : self._prompt_length]
         pooled = encode_text_from_embeddings(
-            self.clip.text_model, prompts.text, self.eos_positions, deep_prompts=prompts.deep_text
+            self.clip.text_model, text, self.eos_positions, deep_prompts=prompts.deep_text
         )
         return F.normalize(self.clip.text_projection(pooled), dim=-1)
 
@@ -210,6 +220,9 @@ class MaPLeClassifier(nn.Module):
         """Return class logits (N, C) for images (N, 3, H, W)."""
         prompts = self.prompts()
         image = self.encode_image(pixel_values, prompts)  # (N, D)
-        text = self._text_cache.get(lambda: self.encode_text(prompts), self.parameters(), self.training)
+        if self.cache_text_features:
+            text = self._text_cache.get(lambda: self.encode_text(prompts), self.parameters(), self.training)
+        else:
+            text = self.encode_text(prompts)
         scale = self.clip.logit_scale.exp() / self.tau
         return scale * image @ text.to(image.dtype).t()

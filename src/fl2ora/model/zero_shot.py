@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPModel, CLIPTokenizer
 
+from fl2ora.model.text_encoder import TextFeatureCache
+
 logger = logging.getLogger(__name__)
 
 
@@ -32,13 +34,35 @@ def format_prompts(template: str, classnames: list[str]) -> list[str]:
     return [template.format(name.replace("_", " ")) for name in classnames]
 
 
+def text_dropout_active(clip: CLIPModel) -> bool:
+    """Return whether CLIP's text encoder draws dropout masks in training mode.
+
+    True when it has an ``nn.Dropout`` with p > 0 (LoRA dropout injected by peft)
+    or attention dropout. Cutting the padding of such an encoder changes the shape
+    of the masks and so which random numbers each kept token gets.
+    """
+    if float(getattr(clip.config.text_config, "attention_dropout", 0.0) or 0.0) > 0:
+        return True
+    return any(isinstance(m, nn.Dropout) and m.p > 0 for m in clip.text_model.modules())
+
+
 class ZeroShotClassifier(nn.Module):
     """CLIP with a frozen hand-written prompt per class.
 
     ``logits = exp(logit_scale) * cos(image, text) / tau``. When no text-encoder
     parameter is trainable, the class text features are computed once and reused
     until :meth:`clear_cache` is called (the federated core calls it whenever it
-    loads new trainable weights).
+    loads new trainable weights). When text parameters train, evaluation computes
+    them once per change of those parameters instead of once per batch.
+
+    Attributes:
+        cache_text_features: reuse class text features as described above; False
+            recomputes them on every forward (``perf.text_feature_cache``).
+        trim_text_padding: run the text encoder only up to the longest prompt's
+            end-of-text token (``perf.trim_text_padding``); the causal mask hides
+            the cut positions, so features change by float rounding only. Not
+            applied in training mode while :func:`text_dropout_active`, because
+            the dropout masks would then differ.
 
     Args:
         clip: the CLIP model (possibly with adapters injected).
@@ -70,6 +94,10 @@ class ZeroShotClassifier(nn.Module):
         self.register_buffer("input_ids", tokens["input_ids"], persistent=False)  # (C, L)
         self.register_buffer("attention_mask", tokens["attention_mask"], persistent=False)  # (C, L)
         self._text_cache: torch.Tensor | None = None
+        self._trainable_text_cache = TextFeatureCache()
+        self.cache_text_features = True
+        self.trim_text_padding = False
+        self._prompt_length = int(tokens["attention_mask"].sum(dim=1).max())  # longest prompt, tokens
 
     @property
     def num_classes(self) -> int:
@@ -83,10 +111,14 @@ class ZeroShotClassifier(nn.Module):
     def clear_cache(self) -> None:
         """Forget cached text features, so the next forward recomputes them."""
         self._text_cache = None
+        self._trainable_text_cache.clear()
 
     def encode_text(self) -> torch.Tensor:
         """Return the L2-normalised class text features, ``(C, D)``."""
-        output = self.clip.text_model(input_ids=self.input_ids, attention_mask=self.attention_mask)
+        input_ids, attention_mask = self.input_ids, self.attention_mask
+        if self.trim_text_padding and not (self.training and text_dropout_active(self.clip)):
+            input_ids, attention_mask = input_ids[:, : self._prompt_length], attention_mask[:, : self._prompt_length]
+        output = self.clip.text_model(input_ids=input_ids, attention_mask=attention_mask)
         features = self.clip.text_projection(output.pooler_output)  # (C, D)
         return F.normalize(features, dim=-1)
 
@@ -97,16 +129,23 @@ class ZeroShotClassifier(nn.Module):
         return F.normalize(features, dim=-1)
 
     def class_text_features(self) -> torch.Tensor:
-        if self.text_is_trainable():
+        """Return the class text features ``(C, D)``, reused as the class docstring describes."""
+        if not self.cache_text_features:
             return self.encode_text()
+        if self.text_is_trainable():
+            text_parameters = [*self.clip.text_model.parameters(), *self.clip.text_projection.parameters()]
+            return self._trainable_text_cache.get(self.encode_text, text_parameters, self.training)
         if self._text_cache is None:
             with torch.no_grad():
                 self._text_cache = self.encode_text()
         return self._text_cache
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Return class logits ``(N, C)`` for images ``(N, 3, H, W)``."""
-        image = self.encode_image(pixel_values)  # (N, D)
+    def classify_features(self, image: torch.Tensor) -> torch.Tensor:
+        """Return class logits ``(N, C)`` for L2-normalised image features ``image: (N, D)``."""
         text = self.class_text_features().to(image.dtype)  # (C, D)
         scale = self.clip.logit_scale.exp() / self.tau
         return scale * image @ text.t()
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Return class logits ``(N, C)`` for images ``(N, 3, H, W)``."""
+        return self.classify_features(self.encode_image(pixel_values))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -253,6 +254,7 @@ def run_simulation(
     run_dir: RunDirectory,
     resume: Checkpoint | None = None,
     interrupt: InterruptFlag | None = None,
+    on_round_end: Callable[[dict[str, float]], None] | None = None,
 ) -> dict[str, Any]:
     """Run every round in this process and write the run directory.
 
@@ -269,6 +271,10 @@ def run_simulation(
         interrupt: polled between clients; when set, the round in progress is
             abandoned and :class:`RunInterrupted` is raised (the checkpoint of the
             last completed round stays valid).
+        on_round_end: called after each round's checkpoint with that round's
+            ``timings.jsonl`` entry plus ``seconds_checkpoint`` and
+            ``seconds_total`` (the whole round, checkpoint included); the
+            benchmark suite uses it to split a round's time.
 
     Returns:
         The summary written to ``summary.json``.
@@ -327,7 +333,11 @@ def run_simulation(
             record["calibration_definition"] = "reference"
         run_dir.append_metrics(record)
         run_dir.append_timings(timings)
-        save(time.perf_counter() - started)
+        checkpoint_start = time.perf_counter()
+        save(checkpoint_start - started)
+        if on_round_end is not None:
+            end = time.perf_counter()
+            on_round_end({**timings, "seconds_checkpoint": end - checkpoint_start, "seconds_total": end - round_start})
 
     if probs is None:
         # Resumed after the last round's checkpoint: score the final model again.
