@@ -122,3 +122,52 @@ def test_full_grid_sweep_on_real_cifar10(cifar10_archive, tmp_path):
     stamps = {cell: (cell / "summary.json").stat().st_mtime_ns for cell in cells}
     run_sweep(base, grid, tmp_path)
     assert stamps == {cell: (cell / "summary.json").stat().st_mtime_ns for cell in cells}
+
+
+def tiny_base(root):
+    return config_to_dict(
+        load_config(
+            REPO / "configs" / "quickstart.yaml",
+            [
+                "data.dataset=image_folder",
+                f"data.root={root}",
+                "partition.num_clients=2",
+                "partition.min_samples=2",
+                "federated.rounds=1",
+            ],
+        )
+    )
+
+
+def test_failed_cell_listed_and_others_run(tiny_image_folder, tmp_path):
+    from fl2ora.sweep import SweepError
+
+    base = tiny_base(tiny_image_folder)
+    grid = {"data.root": [str(tmp_path / "missing"), str(tiny_image_folder)]}
+    with pytest.raises(SweepError, match="1 of 2 sweep cells failed"):
+        run_sweep(base, grid, tmp_path / "sweep")
+    cells = plan_sweep(base, grid, tmp_path / "sweep")
+    assert not (cells[0].path / "summary.json").exists()
+    assert (cells[1].path / "summary.json").is_file()
+    table = (tmp_path / "sweep" / "comparison.md").read_text()
+    assert "FAILED: 1 of 2 cells" in table
+    assert "missing" in table
+
+
+def test_finished_cell_of_other_config_runs_again(tiny_image_folder, tmp_path):
+    base = tiny_base(tiny_image_folder)
+    grid = {"seed": [0]}
+    run_sweep(base, grid, tmp_path)
+    cell = plan_sweep(base, grid, tmp_path)[0].path
+    first = (cell / "summary.json").stat().st_mtime_ns
+    run_sweep(base, grid, tmp_path)
+    assert (cell / "summary.json").stat().st_mtime_ns == first  # same configuration: skipped
+    changed = {**base, "federated": {**base["federated"], "rounds": 2}}
+    run_sweep(changed, grid, tmp_path)
+    assert json.loads((cell / "summary.json").read_text())["rounds"] == 2
+
+
+def test_sanitised_cell_names_stay_distinct(tmp_path):
+    base = config_to_dict(load_config(REPO / "configs" / "quickstart.yaml"))
+    cells = plan_sweep(base, {"coop.init": ["a photo of a", "a_photo_of_a"]}, tmp_path)
+    assert cells[0].path != cells[1].path

@@ -157,9 +157,14 @@ def _command_run(args: argparse.Namespace) -> int:
             else:
                 summary = run_experiment(config, output, overwrite=args.overwrite, interrupt=flag)
     except RunInterrupted as stop:
+        saved = (
+            f"holds the checkpoint after round {stop.round_index - 1}"
+            if stop.round_index > 1
+            else "holds no checkpoint yet, so the run starts again from round 1"
+        )
         print(
-            f"fl2ora: interrupted during round {stop.round_index}; {output} holds the checkpoint after round "
-            f"{stop.round_index - 1}. Continue with: fl2ora run --resume {output}",
+            f"fl2ora: interrupted during round {stop.round_index}; {output} {saved}. "
+            f"Continue with: fl2ora run --resume {output}",
             file=sys.stderr,
         )
         return 130
@@ -169,14 +174,22 @@ def _command_run(args: argparse.Namespace) -> int:
 
 
 def _command_sweep(args: argparse.Namespace) -> int:
-    from fl2ora.sweep import parse_grid, run_sweep
+    from fl2ora.sweep import SweepError, parse_grid, run_sweep
 
     base = config_to_dict(load_config(args.config, args.overrides))
     grid = parse_grid(args.grid)
     output = Path(args.output) if args.output else Path("runs") / f"sweep-{base['name']}"
     _configure_logging(args.quiet)
-    run_sweep(base, grid, output)
-    print((output / "comparison.md").read_text())
+    failure = None
+    try:
+        run_sweep(base, grid, output)
+    except SweepError as error:
+        failure = error
+    if (output / "comparison.md").is_file():
+        print((output / "comparison.md").read_text())
+    if failure is not None:
+        print(f"fl2ora: error: {failure}", file=sys.stderr)
+        return 1
     print(f"Sweep folder: {output} (comparison.md, comparison.csv, ece_vs_accuracy.png)")
     return 0
 

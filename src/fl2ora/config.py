@@ -68,8 +68,8 @@ class ModelConfig:
     Ignored on the CPU."""
 
     def __post_init__(self) -> None:
-        if not self.tau > 0:
-            raise ConfigError(f"model.tau must be > 0, got {self.tau!r}. The study uses 1.0.")
+        if not (math.isfinite(self.tau) and self.tau > 0):
+            raise ConfigError(f"model.tau must be > 0, got {self.tau!r}; it must be finite. The study uses 1.0.")
 
 
 @dataclass
@@ -95,6 +95,8 @@ class LoraConfig:
     def __post_init__(self) -> None:
         if self.rank < 1:
             raise ConfigError(f"lora.rank must be >= 1, got {self.rank!r}. The study uses 2.")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ConfigError(f"lora.alpha must be a finite number > 0, got {self.alpha!r}. The study uses 1.")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout!r}. The study uses 0.25.")
         unknown = [p for p in self.projections if p not in ("q", "k", "v", "out")]
@@ -154,7 +156,7 @@ class PartitionConfig:
     def __post_init__(self) -> None:
         if self.num_clients < 1:
             raise ConfigError(f"partition.num_clients must be >= 1, got {self.num_clients!r}.")
-        if not self.beta > 0:
+        if not (math.isfinite(self.beta) and self.beta > 0):
             raise ConfigError(
                 f"partition.beta must be > 0, got {self.beta!r}. The study uses 0.5; larger is closer to IID."
             )
@@ -184,10 +186,10 @@ class FederatedConfig:
     """FedDyn regularisation weight."""
 
     def __post_init__(self) -> None:
-        if self.mu < 0:
-            raise ConfigError(f"federated.mu must be >= 0, got {self.mu!r}. Try 0.01.")
-        if not self.alpha > 0:
-            raise ConfigError(f"federated.alpha must be > 0, got {self.alpha!r}. Try 0.01.")
+        if not (math.isfinite(self.mu) and self.mu >= 0):
+            raise ConfigError(f"federated.mu must be a finite number >= 0, got {self.mu!r}. Try 0.01.")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ConfigError(f"federated.alpha must be a finite number > 0, got {self.alpha!r}. Try 0.01.")
         if self.rounds < 1:
             raise ConfigError(f"federated.rounds must be >= 1, got {self.rounds!r}.")
         if not 0.0 < self.fraction <= 1.0:
@@ -221,8 +223,8 @@ class TrainConfig:
             raise ConfigError(f"train.local_epochs must be >= 1, got {self.local_epochs!r}.")
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError(f"train.momentum must be in [0, 1), got {self.momentum!r}.")
-        if self.weight_decay < 0:
-            raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay!r}.")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(f"train.weight_decay must be a finite number >= 0, got {self.weight_decay!r}.")
 
 
 @dataclass
@@ -274,7 +276,7 @@ class PromptConfig:
             raise ConfigError(f"coop.n_ctx must be >= 1 or null, got {self.n_ctx!r}. CoOp uses 16.")
         if not self.init.strip():
             raise ConfigError("coop.init must be 'random' or a phrase such as 'a photo of a', got ''.")
-        if self.kgcoop_weight < 0:
+        if not (math.isfinite(self.kgcoop_weight) and self.kgcoop_weight >= 0):
             raise ConfigError(f"coop.kgcoop_weight must be >= 0, got {self.kgcoop_weight!r}. KgCoOp uses 8.")
 
 

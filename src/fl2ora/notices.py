@@ -5,3 +5,8 @@ RANDOM_INIT_WARNING = (
 )
 
 REFERENCE_LABEL = "ECE/MCE use the reference code's non-standard definition"
+
+PACS_TEST_KFOLD_WARNING = (
+    "PACS in-domain tests use test_kfold, which contains every training image (the reference code's "
+    "behaviour): in-domain numbers score training images."
+)

@@ -80,6 +80,8 @@ def format_results_table(summary: dict[str, Any]) -> str:
     notes = []
     if summary.get("calibration_definition") == "reference":
         notes.append(f"NOTE: {REFERENCE_LABEL}.")
+    if summary.get("test_split_warning"):
+        notes.append(f"WARNING: {summary['test_split_warning']}")
     if summary.get("random_init"):
         notes.append(f"WARNING: {RANDOM_INIT_WARNING}")
     return "\n".join([title, *rendered, *notes])

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from fl2ora.config import ConfigError, apply_overrides, config_from_dict
-from fl2ora.rundir import METRICS_FILE, SUMMARY_FILE, read_metrics
+from fl2ora.rundir import read_metrics
+from fl2ora.sweep import is_finished_run_of
 
 logger = logging.getLogger(__name__)
 
@@ -194,11 +195,13 @@ def run_reproduction(
     random_init = False
     for index, run in enumerate(runs, start=1):
         random_init = random_init or bool(run.values.get("model", {}).get("random_init"))
-        if (run.path / SUMMARY_FILE).is_file():
+        config = config_from_dict(run.values)
+        if is_finished_run_of(run.path, config):
             logger.info("Run %d/%d %s is complete; skipping", index, len(runs), run.path)
             continue
         logger.info("Run %d/%d: %s", index, len(runs), run.path)
-        run_experiment(config_from_dict(run.values), run.path, overwrite=(run.path / METRICS_FILE).exists())
+        # A folder left by an interrupted or differently configured attempt is replaced.
+        run_experiment(config, run.path, overwrite=run.path.exists())
 
     last = config_from_dict(runs[0].values).eval.last_rounds
     header, rows = tabulate(setting, runs, last)
@@ -209,6 +212,13 @@ def run_reproduction(
         f"{setting}: metrics in percent, mean ± std over the last {last} evaluated rounds, "
         "averaged over clients without weights unless the row says otherwise.",
     ]
+    if setting == "domain_generalization":
+        notes.append("Held-out rows: all predictions on the unseen domain pooled.")
+    if any(run.values.get("setting", {}).get("pacs_test_split") == "test_kfold" for run in runs):
+        notes.append(
+            "WARNING: PACS in-domain tests use test_kfold, which contains every training image "
+            "(the reference code's behaviour): these in-domain numbers score training images."
+        )
     if random_init:
         notes.append("WARNING: random-initialised backbone: these numbers are a pipeline check, not evidence about CLIP.")
     output.mkdir(parents=True, exist_ok=True)

@@ -75,7 +75,7 @@ def resume_experiment(
     from fl2ora.config import ConfigError, apply_overrides, config_from_dict
     from fl2ora.experiment import build_experiment
     from fl2ora.rundir import CONFIG_FILE, SUMMARY_FILE
-    from fl2ora.runtime.checkpoint import load_checkpoint
+    from fl2ora.runtime.checkpoint import CHECKPOINT_FILE, load_checkpoint
     from fl2ora.runtime.simulation import check_resumable, run_simulation
 
     run_dir = RunDirectory(output, resume=True)
@@ -83,16 +83,34 @@ def resume_experiment(
         raise FileExistsError(f"Run {str(run_dir.path)!r} already finished; there is nothing to resume.")
     saved = yaml.safe_load(run_dir.file(CONFIG_FILE).read_text())
     config = config_from_dict(apply_overrides(saved, overrides or []))
-    changed = [key for key in _differing_keys(saved, config_to_dict(config)) if key not in (allow_changes or [])]
+    # Compare resolved configurations, so keys added by a newer fl2ora take their defaults.
+    saved_resolved = config_to_dict(config_from_dict(saved))
+    changed = [
+        key for key in _differing_keys(saved_resolved, config_to_dict(config)) if key not in (allow_changes or [])
+    ]
     if changed:
         raise ConfigError(
             f"Resuming with a changed configuration: {changed} differ from the saved run. "
             f"Drop those overrides, or allow them with --allow-change {','.join(changed)}."
         )
-    checkpoint = load_checkpoint(run_dir.path)
+    checkpoint = load_checkpoint(run_dir.path) if run_dir.file(CHECKPOINT_FILE).exists() else None
+    if checkpoint is not None and checkpoint.config and checkpoint.config != saved_resolved:
+        edited = _differing_keys(checkpoint.config, saved_resolved)
+        if [key for key in edited if key not in (allow_changes or [])]:
+            raise ConfigError(
+                f"{run_dir.file(CONFIG_FILE)} differs from the configuration stored in the checkpoint in {edited}; "
+                "it was edited after the run started. Restore it, or allow the keys with --allow-change."
+            )
     with log_to_file(run_dir.file(LOG_FILE)):
-        logger.info("Resuming %s after round %d", run_dir.path, checkpoint.round)
         experiment = build_experiment(config)
+        if checkpoint is None:
+            # Stopped before the first round completed: start again in place.
+            logger.info("No checkpoint in %s yet; starting the run from round 1", run_dir.path)
+            run_dir.truncate_records(0)
+            run_dir.write_config(config_to_dict(config))
+            run_dir.write_partition(experiment.class_counts)
+            return run_simulation(experiment, run_dir, interrupt=interrupt)
+        logger.info("Resuming %s after round %d", run_dir.path, checkpoint.round)
         check_resumable(experiment, checkpoint)
         run_dir.write_config(config_to_dict(config))
         return run_simulation(experiment, run_dir, resume=checkpoint, interrupt=interrupt)

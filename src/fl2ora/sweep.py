@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -55,8 +57,12 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
 
 def _cell_name(overrides: dict[str, Any]) -> str:
     parts = [f"{key}={value}" for key, value in overrides.items()]
-    name = ",".join(parts) or "default"
-    return re.sub(r"[^A-Za-z0-9_.=,+-]", "_", name)
+    name = re.sub(r"[^A-Za-z0-9_.=,+-]", "_", ",".join(parts) or "default")
+    if name != ",".join(parts):
+        # Sanitising can map two cells to one name; a digest of the exact values keeps them apart.
+        digest = hashlib.sha1(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:8]
+        name = f"{name}-{digest}"
+    return name
 
 
 def plan_sweep(base: dict[str, Any], grid: dict[str, list[Any]], output: Path) -> list[SweepCell]:
@@ -97,22 +103,48 @@ def run_sweep(base: dict[str, Any], grid: dict[str, list[Any]], output: str | Pa
     logger.info("Sweep of %d cells into %s", len(cells), output)
     failed = []
     for index, cell in enumerate(cells, start=1):
-        if (cell.path / SUMMARY_FILE).is_file():
+        config = config_from_dict(cell.values)
+        if is_finished_run_of(cell.path, config):
             logger.info("Cell %d/%d %s is complete; skipping", index, len(cells), cell.overrides)
             continue
         logger.info("Cell %d/%d: %s", index, len(cells), cell.overrides)
         try:
-            run_experiment(config_from_dict(cell.values), cell.path, overwrite=True)
-        except (RuntimeError, ValueError, FloatingPointError) as error:
+            run_experiment(config, cell.path, overwrite=True)
+        except Exception as error:  # one failed cell must not stop the others
             logger.error("Cell %s failed: %s", cell.overrides, error)
             failed.append((cell.overrides, str(error)))
 
     records = [read_run(cell.path) for cell in cells if (cell.path / SUMMARY_FILE).is_file()]
     keys = [key for key in grid if key != "seed"]
-    rows = write_comparison(records, output, keys=keys)
+    rows = write_comparison(records, output, keys=keys) if records else []
     if failed:
-        logger.error("%d of %d cells failed: %s", len(failed), len(cells), failed)
+        lines = [f"- {overrides}: {error}" for overrides, error in failed]
+        with (output / "comparison.md").open("a") as stream:
+            stream.write(f"\nFAILED: {len(failed)} of {len(cells)} cells did not finish and are not in the table:\n")
+            stream.write("\n".join(lines) + "\n")
+        raise SweepError(f"{len(failed)} of {len(cells)} sweep cells failed; see {output / 'comparison.md'} and their run.log.")
     return rows
+
+
+class SweepError(RuntimeError):
+    """Some cells of a sweep failed; the others ran and are tabulated."""
+
+
+def is_finished_run_of(path: Path, config: Any) -> bool:
+    """Return True when ``path`` holds a finished run of exactly ``config``."""
+    from fl2ora.config import config_to_dict
+    from fl2ora.rundir import CONFIG_FILE
+
+    if not (path / SUMMARY_FILE).is_file() or not (path / CONFIG_FILE).is_file():
+        return False
+    try:
+        saved = config_to_dict(config_from_dict(yaml.safe_load((path / CONFIG_FILE).read_text())))
+    except (ConfigError, yaml.YAMLError, TypeError):
+        return False
+    if saved != config_to_dict(config):
+        logger.warning("%s holds a finished run of another configuration; running it again", path)
+        return False
+    return True
 
 
 def _set_dotted(values: dict[str, Any], key: str, value: Any) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from fl2ora.evaluation.posthoc import temperature_scaling_report
 from fl2ora.evaluation.reliability import plot_reliability_diagram
 from fl2ora.experiment import Experiment
 from fl2ora.model.trainable import load_trainable_state_dict, save_adapter
+from fl2ora.notices import PACS_TEST_KFOLD_WARNING
 from fl2ora.report import reliability_title
 from fl2ora.rundir import ADAPTER_FILE, RELIABILITY_FILE, RunDirectory
 
@@ -99,6 +100,8 @@ def write_final_outputs(
             config.eval.n_bins,
             config.eval.calibration,
         )
+    if config.setting.kind in ("domain_skew", "leave_one_domain_out") and config.setting.pacs_test_split == "test_kfold":
+        summary["test_split_warning"] = PACS_TEST_KFOLD_WARNING
     if experiment.backbone.random_init:
         summary["warning"] = experiment.backbone.description["warning"]
     run_dir.write_summary(summary)
