@@ -79,7 +79,7 @@ def test_budget_shared_and_full():
             samples[index]
     assert (first.cached_count(), second.cached_count()) == (2, 1)
     assert budget.used == 3 * image_bytes
-    assert budget.refused == 2
+    assert budget.rejected == 2
     # An image past the budget is still read correctly.
     expected, _ = ImageSamples(arrays(3, seed=2), np.arange(3), transform)[2]
     assert torch.equal(second[2][0], expected)

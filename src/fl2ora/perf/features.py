@@ -133,8 +133,8 @@ class ImageFeatureCache:
         model.eval()
         features, labels = [], []
         loader = DataLoader(dataset, batch_size=self.batch_size, shuffle=False)
-        # A DataLoader draws its base seed from the global generator; fork it so the
-        # caller's seeded sequence (LoRA dropout) stays as it would be without the cache.
+        # A DataLoader draws its base seed from the global generator. Forking it keeps the
+        # caller's seeded sequence (LoRA dropout) as it would be without the cache.
         try:
             with torch.random.fork_rng(devices=[]):
                 for images, batch_labels in loader:

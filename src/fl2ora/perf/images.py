@@ -41,7 +41,7 @@ class ImageMemoryBudget:
             raise ValueError(f"max_bytes must be >= 0, got {max_bytes!r}. Use 0 to cache nothing.")
         self.max_bytes = max_bytes
         self.used = 0
-        self.refused = 0
+        self.rejected = 0
         """Images that did not fit and are read from their source on every access."""
         self._lock = threading.Lock()
         self._warned = False
@@ -50,7 +50,7 @@ class ImageMemoryBudget:
         """Reserve ``nbytes`` and return True, or return False when they do not fit."""
         with self._lock:
             if self.used + nbytes > self.max_bytes:
-                self.refused += 1
+                self.rejected += 1
                 if not self._warned:
                     self._warned = True
                     logger.info(
@@ -90,9 +90,9 @@ class CachedImageSamples(ImageSamples):
     """:class:`ImageSamples` that keep each image as a uint8 array after its first read.
 
     The array is the image after decoding and after the transform's leading
-    ``Resize`` and ``CenterCrop`` steps. Reads run the remaining steps on it:
+    ``Resize`` and ``CenterCrop`` steps. Reads run the remaining steps on it.
     ``ToTensor`` accepts the (H, W, 3) uint8 array directly and gives the same
-    tensor as from the PIL image; any other step gets the PIL image back.
+    tensor as from the PIL image, and any other first step gets the PIL image back.
 
     Samples whose source is already an in-memory array and whose transform has no
     deterministic leading step are not cached, since there is nothing to save.

@@ -80,7 +80,7 @@ def measure_matmul(
         ``{"flops_per_second": best rate, "best_size": n, "by_size": {n: rate}, "dtype": name}``.
 
     Raises:
-        ValueError: when ``sizes`` is empty or holds a size < 1, or ``min_seconds`` < 0.
+        ValueError: when ``sizes`` is empty or contains a size < 1, or ``min_seconds`` < 0.
     """
     if not sizes or any(n < 1 for n in sizes):
         raise ValueError(f"sizes must be a non-empty list of positive matrix sizes, got {list(sizes)!r}. Try [2048].")
@@ -125,9 +125,8 @@ def current_rss_bytes() -> int:
 class PeakMemory:
     """Peak memory while a block runs: CUDA ``max_memory_allocated``, or the process RSS sampled on the CPU.
 
-    On the CPU a thread reads the RSS every ``interval`` seconds (torch releases the
-    GIL inside its kernels, so the thread runs during them); a peak shorter than
-    the interval can be missed.
+    On the CPU a thread reads the RSS every ``interval`` seconds. It also runs during
+    torch kernels, which release the GIL. A peak shorter than the interval can be missed.
 
     Attributes:
         peak_bytes: the peak after the block.
@@ -191,7 +190,7 @@ def profile_shares(fn: Callable[[], object], device: torch.device) -> dict[str, 
 
     Also returns the matmul operators' FLOP rate (the profiler's FLOP estimate for
     mm, addmm, bmm and baddbmm over their self time) and the five slowest other
-    operators: together they say why a step's MFU is below the matmul reference.
+    operators: together they explain why a step's MFU is below the matmul reference.
     """
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":

@@ -61,13 +61,15 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                              f"(default: {','.join(f'{k}={v}' for k, v in DEFAULT_BATCH.items())})")
     parser.add_argument("--steps", type=_positive_int, default=2,
                         help="timed training steps, and as many evaluation batches, per model and method (default: 2)")
-    parser.add_argument("--warmup", type=_non_negative_int, default=1,
-                        help="untimed steps before timing (default: 1)")
+    parser.add_argument("--warmup", type=_non_negative_int, default=0,
+                        help="untimed steps before timing, after the FLOP-counting step that already warms up "
+                             "(default: 0)")
     parser.add_argument("--rounds", type=_positive_int, default=2,
                         help="rounds of each round measurement; the last is the steady state with warm caches "
                              "(default: 2)")
     parser.add_argument("--round-clients", type=_positive_int, default=2,
-                        help="clients trained in every round of the round and speed-up sections (default: 2)")
+                        help="clients trained in every round of the round and speed-up sections, one step each "
+                             "over a training batch of images (default: 2)")
     parser.add_argument("--round-test-images", type=_positive_int, default=4,
                         help="test images per client in the round and speed-up sections (default: 4)")
     parser.add_argument("--speedup-model", choices=MODELS, default="vit-b-32",
@@ -84,8 +86,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scale-test-images", type=_positive_int, default=2,
                         help="test images per client in the scale round (default: 2)")
     parser.add_argument("--data", type=Path, default=None,
-                        help="CIFAR-10 folder or .tar.gz to use instead of generated 32 px images; the scale "
-                             "section then holds the whole training set in memory")
+                        help="CIFAR-10 folder or .tar.gz for the scale section, which then holds the whole "
+                             "training set in memory (default: generated 32 px images, as the other sections use)")
     parser.add_argument("--sections", nargs="+", default=["steps", "rounds", "speedups", "scale"],
                         choices=["steps", "rounds", "speedups", "scale"],
                         help="sections to run (default: all)")

@@ -162,8 +162,9 @@ def _header(report: dict[str, Any], code: str) -> list[str]:
         f"{code}torch.mm{code} on n x n matrices; before the sections "
         + ", ".join(f"n={n}: {rate / 1e9:.1f}" for n, rate in matmul["before"]["by_size"].items())
         + "; after: " + ", ".join(f"n={n}: {rate / 1e9:.1f}" for n, rate in matmul["after"]["by_size"].items())
-        + "). Data: " + ("real CIFAR-10 images" if report["data"]["real_images"] else "generated 32 px PNG images")
-        + ".",
+        + "). Images: generated 32 px PNG files in the rounds; "
+        + ("real CIFAR-10" if report["data"]["real_images_in_scale"] else "the same generated ones")
+        + " in the scale section.",
     ]
 
 
