@@ -257,9 +257,10 @@ def main(argv: list[str] | None = None) -> int:
             from fl2ora.runtime.flower.command import run_flower_command
 
             return run_flower_command(args, _configure_logging)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
+    except (ValueError, OSError) as error:
         # ConfigError and CheckpointError are ValueErrors; the data, partition and
-        # training code raise ValueError with a message that names the fix.
+        # training code raise ValueError with a message that names the fix, and
+        # OSError covers missing files and failed writes such as a full disk.
         print(f"fl2ora: error: {error}", file=sys.stderr)
         return 2
     return 1

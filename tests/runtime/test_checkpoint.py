@@ -182,3 +182,17 @@ def test_resume_rejects_changed_config_and_mismatched_tensors(uninterrupted, tmp
         resume_experiment(run, ["lora.rank=4"], allow_changes=["lora.rank"])
     assert load_checkpoint(run).round == 1
     assert (run / "config.yaml").read_text() == saved_config
+
+
+def test_safetensors_write_error_becomes_oserror(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    save_checkpoint(tmp_path, small_checkpoint(round_index=1))
+
+    def failing(tensors, filename, metadata=None):
+        raise SafetensorError("Error while serializing: No space left on device")
+
+    monkeypatch.setattr(checkpoint_module, "save_file", failing)
+    with pytest.raises(OSError, match="The previous checkpoint is kept"):
+        save_checkpoint(tmp_path, small_checkpoint(round_index=2))
+    assert load_checkpoint(tmp_path).round == 1

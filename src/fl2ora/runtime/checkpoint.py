@@ -96,6 +96,10 @@ def save_checkpoint(run_dir: str | Path, checkpoint: Checkpoint) -> Path:
         with temporary.open("rb") as stream:
             os.fsync(stream.fileno())
         os.replace(temporary, path)
+    except SafetensorError as error:
+        # safetensors reports a failed write (a full disk, for one) with its own exception type.
+        temporary.unlink(missing_ok=True)
+        raise OSError(f"Writing checkpoint {path} failed: {error}. The previous checkpoint is kept.") from error
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
