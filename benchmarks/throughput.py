@@ -58,8 +58,12 @@ TEMPLATE = "a photo of a {}."
 CPU_MATMUL_SIZES = (512, 1024, 2048)
 CUDA_MATMUL_SIZES = (4096, 8192)
 PROFILE_TOP_OPS = 12
-# Ratio of the slowest to the fastest timed step above which a result is flagged as disturbed.
+# A result is flagged as disturbed by other processes when its slowest timed step takes more than
+# this many times the fastest...
 STEP_TIME_SPREAD_WARNING = 1.25
+# ...or when, on the CPU, the torch threads got less than this share of their CPU time while timed.
+# Idle 2-core runs measured 0.98 to 1.02, and runs beside two busy processes 0.50 to 0.55.
+CPU_UTILISATION_WARNING = 0.8
 # Profiler operators that run matrix multiplies and convolutions. The profiler estimates FLOPs
 # for the first four only (it counts convolutions on the composite aten::conv2d).
 _GEMM_OPERATORS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
@@ -265,17 +269,27 @@ def _eval_step(model: ZeroShotClassifier, images: torch.Tensor, device: torch.de
     return torch.softmax(logits.float(), dim=-1).cpu()
 
 
-def _time_steps(step: Callable[[], object], warmup: int, steps: int, device: torch.device) -> list[float]:
+def _time_steps(
+    step: Callable[[], object], warmup: int, steps: int, device: torch.device
+) -> tuple[list[float], float]:
+    """Run ``warmup`` untimed steps, then time ``steps`` steps.
+
+    Returns:
+        The wall time of each timed step in seconds, and the CPU time of this process
+        during them divided by their wall time and the torch thread count.
+    """
     for _ in range(warmup):
         step()
     _synchronize(device)
     times = []
+    cpu_start = time.process_time()
     for _ in range(steps):
         start = time.perf_counter()
         step()
         _synchronize(device)
         times.append(time.perf_counter() - start)
-    return times
+    cpu_utilisation = (time.process_time() - cpu_start) / (sum(times) * torch.get_num_threads())
+    return times, cpu_utilisation
 
 
 def _operator_category(name: str) -> Literal["matmul", "attention", "other"]:
@@ -296,9 +310,11 @@ def _profile_train_step(step: Callable[[], object], device: torch.device, top: i
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
+    cpu_start, wall_start = time.process_time(), time.perf_counter()
     with torch.profiler.profile(activities=activities, with_flops=True) as profiler:
         step()
         _synchronize(device)
+    cpu_utilisation = (time.process_time() - cpu_start) / ((time.perf_counter() - wall_start) * torch.get_num_threads())
 
     # Kernel events repeat the device time of the operators that launched them, so keep operators only.
     time_attribute = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
@@ -319,6 +335,7 @@ def _profile_train_step(step: Callable[[], object], device: torch.device, top: i
     return {
         "time": "device" if device.type == "cuda" else "cpu",
         "total_self_ms": total_us / 1e3,
+        "cpu_utilisation": cpu_utilisation,
         "share_by_category": {name: us / total_us for name, us in category_us.items()} if total_us else {},
         "matmul_flops_per_second": gemm_flops / (gemm_us / 1e6) if gemm_us else 0.0,
         "top_ops": [
@@ -380,17 +397,19 @@ def _measure_steps(
     model.train()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    train_times = _time_steps(train_step, warmup, steps, device)
+    train_times, train_cpu_utilisation = _time_steps(train_step, warmup, steps, device)
     peak_memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     profile_result = _profile_train_step(train_step, device, PROFILE_TOP_OPS) if profile else None
 
     model.eval()
-    eval_times = _time_steps(eval_step, warmup, steps, device)
+    eval_times, eval_cpu_utilisation = _time_steps(eval_step, warmup, steps, device)
     return {
         "train_flops": train_flops,
         "eval_flops": eval_flops,
         "train_times": train_times,
         "eval_times": eval_times,
+        "train_cpu_utilisation": train_cpu_utilisation,
+        "eval_cpu_utilisation": eval_cpu_utilisation,
         "peak_memory": peak_memory,
         "profile": profile_result,
     }
@@ -430,10 +449,33 @@ class ModelResult:
     train_mfu: float
     """Fraction of ``matmul_flops_per_second``."""
     eval_mfu: float
+    train_cpu_utilisation: float | None = None
+    """Process CPU time over wall time times torch threads, during the timed training steps.
+    About 1 on an idle machine, lower when other processes take CPU time; None on CUDA."""
+    eval_cpu_utilisation: float | None = None
     peak_memory_bytes: int | None = None
     """Peak CUDA memory of the training steps; None on the CPU."""
     profile: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
+
+
+def _contention_notes(
+    kind: Literal["train", "eval"], times: list[float], cpu_utilisation: float, device: torch.device
+) -> list[str]:
+    """Return a note for each sign that another process competed with the timed steps."""
+    label = "training" if kind == "train" else "evaluation"
+    notes = []
+    if max(times) > STEP_TIME_SPREAD_WARNING * min(times):
+        notes.append(
+            f"Timed {label} steps took {min(times):.3f} to {max(times):.3f} s. A spread this large usually "
+            "means another process competed for the machine, so rerun on an idle machine."
+        )
+    if device.type == "cpu" and cpu_utilisation < CPU_UTILISATION_WARNING:
+        notes.append(
+            f"During the timed {label} steps the {torch.get_num_threads()} torch threads got {cpu_utilisation:.0%} "
+            "of their CPU time, so another process competed for the cores. Rerun on an idle machine."
+        )
+    return notes
 
 
 def measure_model(
@@ -500,13 +542,15 @@ def measure_model(
     train_rate = achieved_flops_per_second(train_flops.total, train_seconds)
     eval_rate = achieved_flops_per_second(eval_flops.total, eval_seconds)
     notes = []
-    for kind, times in (("training", train_times), ("evaluation", eval_times)):
-        if max(times) > STEP_TIME_SPREAD_WARNING * min(times):
-            notes.append(
-                f"Timed {kind} steps took {min(times):.3f} to {max(times):.3f} s. A spread this large usually "
-                "means another process competed for the machine, so rerun on an idle machine."
-            )
-            logger.warning("%s: %s", name, notes[-1])
+    for kind in ("train", "eval"):
+        notes += _contention_notes(kind, measured[f"{kind}_times"], measured[f"{kind}_cpu_utilisation"], device)
+    if profile and device.type == "cpu" and measured["profile"]["cpu_utilisation"] < CPU_UTILISATION_WARNING:
+        notes.append(
+            f"During the profiled step the torch threads got {measured['profile']['cpu_utilisation']:.0%} of their "
+            "CPU time, so another process competed for the cores. Rerun on an idle machine."
+        )
+    for note in notes:
+        logger.warning("%s: %s", name, note)
     eval_text_share = _encoder_shares(eval_flops)["text_model"]
     if eval_text_share > 0:
         # ZeroShotClassifier caches text features only when no text parameter is trainable.
@@ -539,6 +583,8 @@ def measure_model(
         matmul_flops_per_second=matmul_flops_per_second,
         train_mfu=model_flops_utilisation(train_rate, matmul_flops_per_second),
         eval_mfu=model_flops_utilisation(eval_rate, matmul_flops_per_second),
+        train_cpu_utilisation=measured["train_cpu_utilisation"] if device.type == "cpu" else None,
+        eval_cpu_utilisation=measured["eval_cpu_utilisation"] if device.type == "cpu" else None,
         peak_memory_bytes=measured["peak_memory"],
         profile=measured["profile"],
         notes=notes,

@@ -116,6 +116,8 @@ def test_tiny_images_per_second(tiny_result):
     assert tiny_result.train_step_seconds == tiny_result.train_step_times[0]
     assert tiny_result.train_images_per_second == pytest.approx(4 / tiny_result.train_step_seconds)
     assert tiny_result.eval_images_per_second == pytest.approx(4 / tiny_result.eval_step_seconds)
+    assert tiny_result.train_cpu_utilisation > 0
+    assert tiny_result.eval_cpu_utilisation > 0
 
 
 def test_tiny_flops_and_mfu(tiny_result):
@@ -138,6 +140,21 @@ def test_matmul_reference_replaced(tiny_result):
     assert replaced.train_mfu == pytest.approx(tiny_result.train_flops_per_second / 100e9)
     assert replaced.eval_mfu == pytest.approx(tiny_result.eval_flops_per_second / 100e9)
     assert replaced.train_images_per_second == tiny_result.train_images_per_second
+
+
+@pytest.mark.parametrize(
+    ("times", "cpu_utilisation", "device", "expected_notes"),
+    [
+        pytest.param([1.0, 1.1, 1.2], 0.99, "cpu", 0, id="idle machine"),
+        pytest.param([1.0, 1.3], 0.99, "cpu", 1, id="step spread"),
+        pytest.param([1.0, 1.0], 0.5, "cpu", 1, id="threads starved"),
+        pytest.param([1.0, 2.0], 0.5, "cpu", 2, id="both signs"),
+        pytest.param([1.0, 1.0], 0.1, "cuda", 0, id="CPU time ignored on CUDA"),
+    ],
+)
+def test_contention_notes(times, cpu_utilisation, device, expected_notes):
+    notes = throughput._contention_notes("train", times, cpu_utilisation, torch.device(device))
+    assert len(notes) == expected_notes
 
 
 def test_report_names_random_init(tiny_result):
