@@ -354,7 +354,10 @@ class PerfConfig:
     trim_text_padding: bool = True
     """Run the text encoder on prompts cut after the longest prompt's end-of-text token
     instead of the whole 77-token context. The causal mask already hides the cut
-    positions from the pooled token, so features change by float rounding only."""
+    positions from the pooled token, so features change by float rounding only. LoRA
+    dropout on the text encoder then draws its masks for the whole context, which on
+    the CPU gives the same masks as without the cut; on CUDA, training with LoRA
+    dropout keeps the whole context."""
     image_feature_cache: bool = True
     """Compute each image's features once and reuse them in later rounds while no
     image-encoder parameter trains (``zeroshot``, ``coop``, ``kgcoop``, and ``fl2ora``,

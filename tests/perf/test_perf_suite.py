@@ -90,6 +90,7 @@ def test_split_round_arithmetic():
 def synthetic_report(mfu=0.62, other_share=0.02, coop_speedup=14.0, equal=True, device="cpu"):
     split = {"train": 8.0, "aggregate": 0.1, "eval": 1.7, "other": 0.2, "checkpoint": 0.15, "total": 10.0}
     case = {"switch": "image_feature_cache", "method": "coop", "overrides": ["data.augment=false"], "reason": "r",
+            "model": "vit-b-16", "protocol": True,
             "on": [split, split], "off": [split, split], "speedup_steady_round": coop_speedup,
             "speedup_all_rounds": coop_speedup, "equal_within_tolerance": equal,
             "max_abs_difference": {"state": 0.0, "probabilities": 1e-7, "metrics": 0.0}, "tolerance": {}}
@@ -111,6 +112,8 @@ def synthetic_report(mfu=0.62, other_share=0.02, coop_speedup=14.0, equal=True, 
         "rounds": [{"model": "tiny", "method": "coop", "splits": [split, split], "train_images_per_round": 32,
                     "eval_images_per_round": 8, "peak_memory_bytes": 2**30, "peak_memory_kind": "rss"}],
         "speedups": {"model": "vit-b-32", "cases": [case], "autocast": "not measured",
+                     "loader": {"images": 64, "size": 224, "uncached_images_per_second": 400.0,
+                                "filling_images_per_second": 390.0, "cached_images_per_second": 2000.0},
                      "batched_clients": [{"model": "vit-b-32", "clients": 4, "batch_size": 16, "images_per_second": 5.0,
                                           "joined_images_per_second": 5.1, "bound": 1.02, "mfu": 0.6,
                                           "joined_mfu": 0.61}]},
@@ -158,7 +161,8 @@ def test_report_renders_every_section(markdown):
     report["targets"] = evaluate_targets(report)
     text = format_report(report, markdown=markdown)
     for fragment in ("Matmul reference: 100.0 GFLOP/s", "Training and evaluation steps", "Rounds of the in-process",
-                     "Speed-ups on vit-b-32", "Batched clients", "Scale: 100 clients", "Targets:", "random weights."):
+                     "Speed-ups, each on and off", "2000 img/s from it", "Batched clients", "Scale: 100 clients",
+                     "Targets:", "random weights."):
         assert fragment in text
     assert ("| target | figure | status | cause of a miss |" in text) is markdown
 

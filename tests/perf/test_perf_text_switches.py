@@ -1,4 +1,7 @@
-"""Text switches: padding trim equal to the full context, text features once per evaluation, the perf section."""
+"""Text switches: padding trim equal to the full context, text features once per evaluation, the perf section.
+
+Also the full-context LoRA dropout that keeps trimmed training on the untrimmed masks.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from fl2ora.methods.registry import build_classifier
 from fl2ora.model.backbone import Backbone, load_backbone
 from fl2ora.model.trainable import load_trainable_state_dict, trainable_state_dict
 from fl2ora.model.zero_shot import text_dropout_active
+from fl2ora.perf.context_dropout import ContextDropout, use_context_dropout
 from fl2ora.perf.speedups import configure_classifier
 
 CLASSNAMES = ["airplane", "sea_turtle", "dog"]
@@ -150,3 +154,68 @@ def test_perf_defaults():
 def test_invalid_perf_section_rejected(values, message):
     with pytest.raises(ConfigError, match=message):
         config_from_dict(values)
+
+
+def test_context_dropout_matches_dropout_untrimmed():
+    x = torch.randn(3, 77, 16)
+    torch.manual_seed(2)
+    expected = torch.nn.functional.dropout(x, 0.25, training=True)
+    next_expected = torch.rand(1)
+    torch.manual_seed(2)
+    actual = ContextDropout(0.25, 77).train()(x)
+    assert torch.equal(actual, expected)
+    assert torch.equal(torch.rand(1), next_expected)  # the generator advanced by as much
+
+
+def test_context_dropout_trimmed_keeps_mask():
+    x = torch.randn(3, 77, 16)
+    torch.manual_seed(2)
+    full = torch.nn.functional.dropout(x, 0.25, training=True)
+    next_expected = torch.rand(1)
+    torch.manual_seed(2)
+    trimmed = ContextDropout(0.25, 77).train()(x[:, :9].contiguous())
+    assert trimmed.shape == (3, 9, 16)
+    assert torch.equal(trimmed, full[:, :9])
+    assert torch.equal(torch.rand(1), next_expected)
+
+
+def test_context_dropout_off_in_eval():
+    x = torch.randn(3, 9, 16)
+    assert ContextDropout(0.25, 77).eval()(x) is x
+
+
+def test_context_dropout_swapped_in_and_out():
+    model = build_model("fl2ora")
+    text_model = model.clip.text_model
+    swapped = use_context_dropout(text_model, 77, enabled=True)
+    assert swapped == 4 * 3  # q, k and v of the tiny model's 4 text blocks
+    assert not text_dropout_active(model.clip)
+    assert sum(isinstance(m, ContextDropout) for m in text_model.modules()) == 12
+    assert use_context_dropout(text_model, 77, enabled=False) == 12
+    assert text_dropout_active(model.clip)
+
+
+def test_trimmed_lora_training_matches_full_context():
+    model = build_model("fl2ora").train()
+    torch.manual_seed(3)
+    full = model.encode_text()
+    configure_classifier(model, PerfConfig(trim_text_padding=True), None)
+    assert not text_dropout_active(model.clip)
+    seen = []
+    hook = model.clip.text_model.embeddings.register_forward_hook(lambda m, i, output: seen.append(output.shape[1]))
+    torch.manual_seed(3)
+    try:
+        trimmed = model.encode_text()
+    finally:
+        hook.remove()
+    assert seen == [int(model.attention_mask.sum(dim=1).max())]
+    torch.testing.assert_close(trimmed, full, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("p", "context_length", "message"),
+    [(1.0, 77, "p must be in"), (-0.1, 77, "p must be in"), (0.25, 0, "context_length must be >= 1")],
+)
+def test_invalid_context_dropout_rejected(p, context_length, message):
+    with pytest.raises(ValueError, match=message):
+        ContextDropout(p, context_length)

@@ -8,6 +8,8 @@ the usual convention of model FLOPs utilisation (MFU).
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import logging
 import math
 import os
@@ -166,6 +168,23 @@ class PeakMemory:
         if self._thread is not None:
             self._thread.join()
         self.peak_bytes = max(self.peak_bytes, current_rss_bytes())
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap memory back to the operating system.
+
+    Between measurements that each build a model, glibc keeps the freed parameter
+    memory in its heap, so the process RSS would grow by a model per measurement.
+    ``malloc_trim`` returns it; on other C libraries only the garbage collection runs.
+    """
+    gc.collect()
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    trim = getattr(libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 def time_calls(fn: Callable[[], object], warmup: int, repeats: int, device: torch.device) -> list[float]:

@@ -74,6 +74,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="test images per client in the round and speed-up sections (default: 4)")
     parser.add_argument("--speedup-model", choices=MODELS, default="vit-b-32",
                         help="architecture of the speed-up on/off section (default: vit-b-32)")
+    parser.add_argument("--protocol-model", choices=MODELS, default="vit-b-16",
+                        help="architecture of the CoOp image-cache case in a round shaped like the CIFAR "
+                             "protocol's, which the 10x target reads (default: vit-b-16, the study's)")
     parser.add_argument("--scale-model", choices=MODELS, default="vit-b-32",
                         help="architecture of the 100-client section; its LoRA state, and so its aggregation "
                              "and checkpoint work, equals ViT-B/16's (default: vit-b-32)")

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from fl2ora.config import PerfConfig
+from fl2ora.perf.context_dropout import use_context_dropout
 from fl2ora.perf.features import ImageFeatureCache, image_features_frozen
 from fl2ora.perf.images import ImageMemoryBudget, cache_decoded_images
 
@@ -31,6 +32,12 @@ def configure_classifier(model: nn.Module, perf: PerfConfig, feature_cache: Imag
         model.cache_text_features = perf.text_feature_cache
     if hasattr(model, "trim_text_padding"):
         model.trim_text_padding = perf.trim_text_padding
+        clip = getattr(model, "clip", None)
+        if clip is not None:
+            # Trimming in training with LoRA dropout stays exact only with full-context masks (CPU).
+            on_cpu = all(p.device.type == "cpu" for p in clip.text_model.parameters())
+            context_length = clip.config.text_config.max_position_embeddings
+            use_context_dropout(clip.text_model, context_length, enabled=perf.trim_text_padding and on_cpu)
     clear_cache = getattr(model, "clear_cache", None)
     if callable(clear_cache):
         clear_cache()  # features cached under the previous switches

@@ -72,6 +72,9 @@ AUTOCAST_TOLERANCE = {"state": 1e-2, "probabilities": 5e-2, "metrics": 5e-2}
 SWITCHES = ("text_feature_cache", "trim_text_padding", "image_feature_cache", "decoded_image_cache")
 BATCHED_CLIENTS = 2
 """Clients whose batches the batched-clients bound concatenates."""
+LOADER_IMAGES = 64
+LOADER_SIZE = 224
+"""Images and pixel size of the data-loading measurement: ViT-B's input size."""
 CPU_MATMUL_SIZES = (512, 1024, 2048)
 CUDA_MATMUL_SIZES = (4096, 8192)
 
@@ -85,17 +88,30 @@ class SpeedupCase:
     overrides: tuple[str, ...]
     reason: str
     """The work the switch saves in this run."""
+    protocol: bool = False
+    """Run on ``--protocol-model`` with the CIFAR protocol's batch and test share (see
+    :data:`PROTOCOL_ROUND`) instead of the speed-up section's small rounds."""
 
+
+PROTOCOL_ROUND = {"clients": 1, "train_per_client": 30, "test_per_client": 60, "batch_size": 32}
+"""A round shaped like one of the study's CIFAR protocol: training steps of batch 32, and
+twice as many test images as trained ones (10 of 100 clients train on 500 images each,
+and all 10,000 test images are evaluated)."""
 
 SPEEDUP_CASES = (
-    SpeedupCase("text_feature_cache", "fl2ora", (), "LoRA trains the text encoder: one text pass per evaluation"),
+    SpeedupCase("text_feature_cache", "fl2ora", ("eval.batch_size=2",),
+                "LoRA trains the text encoder: one text pass per evaluation, not per batch (batch 2 here)"),
     SpeedupCase("text_feature_cache", "fl2ora", ("lora.encoder=vision",),
                 "frozen text encoder: one text pass per client update instead of per batch"),
+    SpeedupCase("trim_text_padding", "fl2ora", (),
+                "LoRA on the text encoder: every step runs it on the prompts, with the same dropout masks"),
     SpeedupCase("trim_text_padding", "coop", ("data.augment=false",),
                 "CoOp's steps run the text encoder only once image features are cached"),
     SpeedupCase("image_feature_cache", "coop", ("data.augment=false",),
                 "frozen image encoder, deterministic transform: images encoded once"),
     SpeedupCase("decoded_image_cache", "fl2ora", (), "images resized once instead of every epoch and round"),
+    SpeedupCase("image_feature_cache", "coop", ("data.augment=false",),
+                "the same, in a round shaped like the CIFAR protocol's", protocol=True),
 )
 
 
@@ -264,8 +280,6 @@ def measure_steps(
     }
     if profile:
         result["profile"] = measure.profile_shares(train_step, device)
-    del model, backbone, optimizer
-    gc.collect()
     return result
 
 
@@ -281,6 +295,7 @@ def batched_clients_bound(
     most that batched clients could gain here.
     """
     single = measure_steps(model_name, "fl2ora", batch_size, steps, warmup, device, precision, peak_flops)
+    measure.release_memory()
     joined = measure_steps(model_name, "fl2ora", clients * batch_size, steps, warmup, device, precision, peak_flops)
     return {
         "model": model_name,
@@ -292,6 +307,31 @@ def batched_clients_bound(
         "mfu": single["train_mfu"],
         "joined_mfu": joined["train_mfu"],
     }
+
+
+def measure_loader(images: DataSource, count: int, size: int) -> dict[str, Any]:
+    """Measure data loading in images/s: the evaluation transform at ``size`` px, uncached and cached.
+
+    Reads the first ``count`` generated training images three times: without the
+    decoded-image cache, then with it while it fills, then from the filled cache.
+    """
+    from fl2ora.data import clip_transforms
+    from fl2ora.data.datasets import load_image_folder
+    from fl2ora.perf.images import CachedImageSamples, ImageMemoryBudget
+
+    samples = load_image_folder(images.root).train.subset(np.arange(count)).with_transform(
+        clip_transforms(size, train=False)
+    )
+    cached = CachedImageSamples(samples, ImageMemoryBudget(2**31))
+
+    def read_all(dataset) -> float:
+        start = time.perf_counter()
+        for index in range(len(dataset)):
+            dataset[index]
+        return count / (time.perf_counter() - start)
+
+    return {"images": count, "size": size, "uncached_images_per_second": read_all(samples),
+            "filling_images_per_second": read_all(cached), "cached_images_per_second": read_all(cached)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -328,12 +368,13 @@ def run_rounds(
         The round splits, images trained and evaluated per round, peak memory,
         final probabilities, trained state and client-mean metrics.
     """
-    gc.collect()
+    measure.release_memory()
     rss_before = measure.current_rss_bytes()
     # Models alive before the build (earlier benchmarks, a test session) are not this run's.
     models_before = _count_clip_models() if measure_memory else 0
     experiment = build_experiment(config)
     rss_built = measure.current_rss_bytes()
+    training_images = sum(len(d) for d in experiment.client_train)
     if train_limit is not None:
         experiment.client_train = [
             dataset.subset(np.arange(min(train_limit, len(dataset)))) for dataset in experiment.client_train
@@ -367,11 +408,11 @@ def run_rounds(
             "backbone_parameter_bytes": sum(p.numel() * p.element_size() for p in experiment.backbone.model.parameters()),
             "clip_models_in_process": _count_clip_models() - models_before,
             "clients": experiment.num_clients,
-            "training_images": sum(len(d) for d in experiment.client_train) if train_limit is None else None,
+            "training_images": training_images,
             "decoded_image_cache_bytes": result["decoded_image_bytes"],
         }
     del experiment
-    gc.collect()
+    measure.release_memory()
     return result
 
 
@@ -479,17 +520,20 @@ def run_suite(args: argparse.Namespace, command: str) -> dict[str, Any]:
             report["steps"] = []
             for model in args.models:
                 for method in args.methods:
-                    logger.info("Steps section: %s %s, batch %d", model, method, batch[model])
+                    logger.info("Steps section: %s %s, batch %d (RSS %.0f MiB)", model, method, batch[model],
+                                measure.current_rss_bytes() / 2**20)
                     report["steps"].append(measure_steps(
                         model, method, batch[model], args.steps, args.warmup, device, precision, peak,
                         profile=(model == "vit-b-32" and method == "fl2ora"),
                     ))
+                    measure.release_memory()  # the model of this measurement
 
+        _write_partial(args, report)
         if "rounds" in args.sections:
             report["rounds"] = []
             for model in args.models:
                 for method in args.methods:
-                    logger.info("Rounds section: %s %s", model, method)
+                    logger.info("Rounds section: %s %s (RSS %.0f MiB)", model, method, measure.current_rss_bytes() / 2**20)
                     config = make_config(model, method, images, device, precision, clients=args.round_clients,
                                          train_per_client=batch[model], test_per_client=args.round_test_images,
                                          rounds=args.rounds)
@@ -501,9 +545,11 @@ def run_suite(args: argparse.Namespace, command: str) -> dict[str, Any]:
                         "peak_memory_bytes": run["peak_memory_bytes"], "peak_memory_kind": run["peak_memory_kind"],
                     })
 
+        _write_partial(args, report)
         if "speedups" in args.sections:
             report["speedups"] = _speedup_section(args, images, workdir, device, precision, batch, peak)
 
+        _write_partial(args, report)
         if "scale" in args.sections:
             report["scale"] = _scale_section(args, scale_data, workdir, device, precision)
 
@@ -530,6 +576,15 @@ def run_suite(args: argparse.Namespace, command: str) -> dict[str, Any]:
     return report
 
 
+def _write_partial(args: argparse.Namespace, report: dict[str, Any]) -> None:
+    """Write the figures so far to ``--json`` with a ``.partial`` suffix, so a stopped run keeps them."""
+    if args.json is not None:
+        import json
+
+        path = args.json.with_name(args.json.name + ".partial")
+        path.write_text(json.dumps(_jsonable(report), indent=2) + "\n")
+
+
 def _speedup_section(
     args: argparse.Namespace, images: DataSource, workdir: Path, device: torch.device, precision: str,
     batch: dict[str, int], peak: float,
@@ -537,39 +592,51 @@ def _speedup_section(
     model = args.speedup_model
     section: dict[str, Any] = {"model": model, "cases": [], "batched_clients": []}
 
-    def config_for(method: str, overrides: Sequence[str], model_precision: str = precision) -> RunConfig:
+    def config_for(
+        method: str, overrides: Sequence[str], model_precision: str = precision, protocol: bool = False
+    ) -> RunConfig:
+        if protocol:
+            return make_config(args.protocol_model, method, images, device, model_precision, rounds=args.rounds,
+                               overrides=overrides, **PROTOCOL_ROUND)
         return make_config(model, method, images, device, model_precision, clients=args.round_clients,
                            train_per_client=batch[model], test_per_client=args.round_test_images,
                            rounds=args.rounds, overrides=overrides)
 
     for index, case in enumerate(SPEEDUP_CASES):
-        logger.info("speed-ups: %s on and off (%s on %s)", case.switch, case.method, model)
-        on = config_for(case.method, case.overrides)
-        off = config_for(case.method, (*case.overrides, f"perf.{case.switch}=false"))
+        case_model = args.protocol_model if case.protocol else model
+        logger.info("Speed-ups section: %s on and off (%s on %s, RSS %.0f MiB)", case.switch, case.method,
+                    case_model, measure.current_rss_bytes() / 2**20)
+        on = config_for(case.method, case.overrides, protocol=case.protocol)
+        off = config_for(case.method, (*case.overrides, f"perf.{case.switch}=false"), protocol=case.protocol)
         pair = measure_pair(on, off, workdir / "speedups" / f"{index}-{case.switch}")
         section["cases"].append({"switch": case.switch, "method": case.method, "overrides": list(case.overrides),
-                                 "reason": case.reason, **pair})
+                                 "reason": case.reason, "model": case_model, "protocol": case.protocol, **pair})
 
     # Every switch at once against the plain computation, for CoOp and FL²oRA.
     for method, overrides in (("coop", ("data.augment=false",)), ("fl2ora", ())):
-        logger.info("speed-ups: all on and all off (%s on %s)", method, model)
+        logger.info("Speed-ups section: all on and all off (%s on %s)", method, model)
         on = config_for(method, overrides)
         off = config_for(method, (*overrides, *(f"perf.{name}=false" for name in SWITCHES)))
         pair = measure_pair(on, off, workdir / "speedups" / f"all-{method}")
         section["cases"].append({"switch": "all", "method": method, "overrides": list(overrides),
-                                 "reason": "every switch together against the plain computation", **pair})
+                                 "reason": "every switch together against the plain computation", "model": model,
+                                 "protocol": False, **pair})
 
     # NOTE: the CUDA path (bf16 reference, autocast pair, max_memory_allocated) has not run on a GPU yet.
     if device.type == "cuda":
-        logger.info("speed-ups: bf16 autocast against fp32 (fl2ora on %s)", model)
+        logger.info("Speed-ups section: bf16 autocast against fp32 (fl2ora on %s)", model)
         pair = measure_pair(config_for("fl2ora", ()), config_for("fl2ora", (), "fp32"),
                             workdir / "speedups" / "autocast", AUTOCAST_TOLERANCE)
         section["cases"].append({"switch": "model.precision=bf16", "method": "fl2ora", "overrides": [],
-                                 "reason": "bf16 autocast, fp32 master weights and optimizer state", **pair})
+                                 "reason": "bf16 autocast, fp32 master weights and optimizer state", "model": model,
+                                 "protocol": False, **pair})
     else:
         section["autocast"] = "not measured: autocast applies on CUDA only and this run has no GPU"
 
-    logger.info("speed-ups: batched-clients bound on %s", model)
+    logger.info("Speed-ups section: data loading with and without the decoded-image cache")
+    section["loader"] = measure_loader(images, LOADER_IMAGES, LOADER_SIZE)
+
+    logger.info("Speed-ups section: batched-clients bound on %s", model)
     section["batched_clients"].append(batched_clients_bound(
         model, batch[model], BATCHED_CLIENTS, args.steps, args.warmup, device, precision, peak
     ))
@@ -580,7 +647,7 @@ def _scale_section(
     args: argparse.Namespace, data: DataSource, workdir: Path, device: torch.device, precision: str
 ) -> dict[str, Any]:
     model = args.scale_model
-    logger.info("scale: %d clients on %s, %d sampled", args.scale_clients, model, args.scale_sampled)
+    logger.info("Scale section: %d clients on %s, %d sampled", args.scale_clients, model, args.scale_sampled)
     config = make_config(model, "fl2ora", data, device, precision, clients=args.scale_clients,
                          train_per_client=args.scale_train_images, test_per_client=args.scale_test_images,
                          rounds=1, sampled=args.scale_sampled)
@@ -633,6 +700,7 @@ def main_with_args(args: argparse.Namespace, command: str) -> int:
         import json
 
         args.json.write_text(json.dumps(_jsonable(report), indent=2) + "\n")
+        args.json.with_name(args.json.name + ".partial").unlink(missing_ok=True)
         logger.info("Wrote %s", args.json)
     return 0
 
