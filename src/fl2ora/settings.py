@@ -24,7 +24,7 @@ import numpy as np
 from fl2ora.config import ConfigError, RunConfig
 from fl2ora.data import ImageSamples, load_dataset, partition, subsample_per_class
 from fl2ora.data.catalog import load_domain_dataset
-from fl2ora.data.validation import drop_unreadable
+from fl2ora.data.validation import drop_unreadable_splits
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +90,9 @@ def _label_skew(config: RunConfig) -> ClientSplits:
     data = _load_cached(config.data.dataset, config.data.root, config.data.download)
     train_pool = _subsample(data.train.labels, config.data.max_train_per_class, config.seed)
     test_pool = _subsample(data.test.labels, config.data.max_test_per_class, config.seed + 1)
-    train_pool = drop_unreadable(data.train, train_pool, config.data.bad_images, "training")
-    test_pool = drop_unreadable(data.test, test_pool, config.data.bad_images, "test")
+    train_pool, test_pool = drop_unreadable_splits(
+        [("training", data.train, train_pool), ("test", data.test, test_pool)], config.data.bad_images
+    )
     train_labels, test_labels = data.train.labels[train_pool], data.test.labels[test_pool]
     split = _partition_counts(config, train_labels, test_labels, config.partition.num_clients, config.seed)
     return ClientSplits(
@@ -136,16 +137,30 @@ def _domains(config: RunConfig) -> ClientSplits:
             )
         domains = [d for d in domains if d != heldout_domain]
 
+    # Every image the run reads is checked at once, so one error lists the unreadable files of
+    # all domains and splits before any domain is partitioned.
+    checks = []
+    for domain in domains:
+        data = dataset.per_domain[domain]
+        train_pool = _subsample(data.train.labels, config.data.max_train_per_class, config.seed)
+        test_pool = _subsample(data.test.labels, config.data.max_test_per_class, config.seed + 1)
+        checks += [(f"{domain} training", data.train, train_pool), (f"{domain} test", data.test, test_pool)]
+    heldout_pool = None
+    if heldout_domain is not None:
+        # The unseen domain is scored on all its images, training and test lists alike.
+        target = dataset.per_domain[heldout_domain]
+        heldout_pool, _ = _concatenate([target.train, target.test])
+        limit = config.data.max_test_per_class
+        checks.append(("held-out", heldout_pool, _subsample(heldout_pool.labels, limit, config.seed + 2)))
+    kept = drop_unreadable_splits(checks, config.data.bad_images)
+
     client_train, client_test, groups = [], [], {}
     counts: dict = {"domains": {}, "train": [], "test": []}
     train_all, train_offsets = _concatenate([dataset.per_domain[d].train for d in domains])
     test_all, test_offsets = _concatenate([dataset.per_domain[d].test for d in domains])
     for position, domain in enumerate(domains):
         data = dataset.per_domain[domain]
-        train_pool = _subsample(data.train.labels, config.data.max_train_per_class, config.seed)
-        test_pool = _subsample(data.test.labels, config.data.max_test_per_class, config.seed + 1)
-        train_pool = drop_unreadable(data.train, train_pool, config.data.bad_images, f"{domain} training")
-        test_pool = drop_unreadable(data.test, test_pool, config.data.bad_images, f"{domain} test")
+        train_pool, test_pool = kept[2 * position], kept[2 * position + 1]
         train_labels, test_labels = data.train.labels[train_pool], data.test.labels[test_pool]
         split = _partition_counts(
             config, train_labels, test_labels, setting.clients_per_domain, config.seed + 1000 * (position + 1)
@@ -162,14 +177,9 @@ def _domains(config: RunConfig) -> ClientSplits:
         counts["test"].extend(domain_counts["test"])
 
     heldout = {}
-    if heldout_domain is not None:
-        # The unseen domain is scored on all its images, training and test lists alike.
-        target = dataset.per_domain[heldout_domain]
-        pool, _ = _concatenate([target.train, target.test])
-        limit = config.data.max_test_per_class
-        rows = drop_unreadable(pool, _subsample(pool.labels, limit, config.seed + 2), config.data.bad_images, "held-out")
-        test_all, extra_offsets = _concatenate([test_all, pool])
-        heldout[heldout_domain] = extra_offsets[1] + rows
+    if heldout_pool is not None:
+        test_all, extra_offsets = _concatenate([test_all, heldout_pool])
+        heldout[heldout_domain] = extra_offsets[1] + kept[-1]
         counts["held_out_domain"] = heldout_domain
     counts["num_clients"] = len(client_train)
     logger.info("Domain setting on %s: clients per domain %s", dataset.name, groups)
@@ -229,17 +239,26 @@ def _base_to_new(config: RunConfig) -> ClientSplits:
     order = np.random.default_rng([config.seed, 29]).permutation(base)
     client_classes = [np.sort(part) for part in np.array_split(order, clients)]
     test_limit = config.data.max_test_per_class
-    client_train, client_test = [], []
+    checks = []
     for classes in client_classes:
         shots = sample_shots(data.train.labels, classes, config.setting.shots, config.seed)
-        client_train.append(drop_unreadable(data.train, shots, config.data.bad_images, "training"))
         in_classes = np.flatnonzero(np.isin(data.test.labels, classes))
         rows = in_classes[_subsample(data.test.labels[in_classes], test_limit, config.seed + 1)]
-        client_test.append(drop_unreadable(data.test, rows, config.data.bad_images, "test"))
-
+        checks += [("training", data.train, shots), ("test", data.test, rows)]
     new_rows = np.flatnonzero(np.isin(data.test.labels, new))
     new_rows = new_rows[_subsample(data.test.labels[new_rows], test_limit, config.seed + 1)]
-    new_rows = drop_unreadable(data.test, new_rows, config.data.bad_images, "new-class test")
+    checks.append(("new-class test", data.test, new_rows))
+
+    # One check of every split, so one error lists the unreadable training and test files.
+    kept = drop_unreadable_splits(checks, config.data.bad_images)
+    client_train, client_test, new_rows = kept[0:-1:2], kept[1:-1:2], kept[-1]
+    for client, rows in enumerate(client_train):
+        if len(rows) == 0:
+            raise ConfigError(
+                f"Client {client} has no readable training image left: all its {config.setting.shots} shots per "
+                f"class of classes {client_classes[client].tolist()} were skipped as unreadable "
+                "(data.bad_images=skip). Replace the damaged files or use fewer clients."
+            )
     new_test = ImageSamples([data.test.sources[i] for i in new_rows], data.test.labels[new_rows] - len(base))
 
     num_base = len(base)
