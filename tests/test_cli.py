@@ -104,3 +104,160 @@ def test_cli_refuses_finished_run_without_overwrite(tmp_path, capsys):
     assert code == 2
     assert "already holds a finished run" in capsys.readouterr().err
     assert (run / "summary.json").read_text() == "{}\n"
+
+
+def one_line_error(stderr: str) -> str:
+    """Return the single line of ``stderr``, failing when there are more."""
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+OUTPUT_COMMANDS = {
+    "run": ["run", str(REPO / "configs" / "quickstart.yaml")],
+    "sweep": ["sweep", str(REPO / "configs" / "quickstart.yaml"), "--grid", "seed=0,1"],
+    "reproduce": ["reproduce", "in_distribution"],
+    "compare": ["compare", "some-run"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(OUTPUT_COMMANDS))
+@pytest.mark.parametrize("below", [False, True])
+def test_output_file_rejected(command, below, tmp_path, capsys):
+    existing = tmp_path / "notes.txt"
+    existing.write_text("keep me\n")
+    output = existing / "run" if below else existing
+
+    code = main([*OUTPUT_COMMANDS[command], "--output", str(output)])
+
+    assert code == 2
+    error = one_line_error(capsys.readouterr().err)
+    assert error.startswith(f"fl2ora: error: --output {str(output)!r} ")
+    if below:
+        assert f"lies below {str(existing)!r}, which is an existing file" in error
+    else:
+        assert "is an existing file, not a folder" in error
+    assert "Give the path of a folder" in error
+    assert existing.read_text() == "keep me\n"
+
+
+def test_sweep_rejects_duplicate_grid_value(tmp_path, capsys):
+    output = tmp_path / "sweep"
+    code = main(["sweep", str(REPO / "configs" / "quickstart.yaml"), "--grid", "seed=0,0", "--output", str(output)])
+    assert code == 2
+    error = one_line_error(capsys.readouterr().err)
+    assert "Grid key 'seed' lists the value 0 more than once" in error
+    assert "List each value once" in error
+    assert not output.exists()
+
+
+def write_tiny_config(folder: Path, data_root: Path, **model) -> Path:
+    values = {
+        "name": "ctrl-c",
+        "seed": 2,
+        "model": {"name": "tiny", "random_init": True, **model},
+        "data": {"dataset": "image_folder", "root": str(data_root), "augment": False},
+        "partition": {"method": "dirichlet", "num_clients": 2, "beta": 1.0, "min_samples": 4},
+        "federated": {"rounds": 2, "fraction": 1.0},
+        "train": {"lr": 0.05, "batch_size": 8},
+    }
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def press_ctrl_c_twice() -> None:
+    """Call the installed SIGINT handler twice, as two Ctrl-C presses would, without sending a signal."""
+    import signal
+
+    handler = signal.getsignal(signal.SIGINT)
+    handler(signal.SIGINT, None)  # the first press only requests a stop at the next safe point
+    handler(signal.SIGINT, None)  # the second raises KeyboardInterrupt at once
+
+
+def interrupt_on_call(monkeypatch, module, name: str, call: int) -> None:
+    """Make the ``call``-th call of ``module.name`` run, then receive two Ctrl-C presses."""
+    original = getattr(module, name)
+    calls = []
+
+    def wrapper(*args, **kwargs):
+        result = original(*args, **kwargs)
+        calls.append(name)
+        if len(calls) == call:
+            press_ctrl_c_twice()
+        return result
+
+    monkeypatch.setattr(module, name, wrapper)
+
+
+# Where the second Ctrl-C arrives, and the checkpoint round that the run directory then contains.
+SECOND_CTRL_C_POINTS = [
+    # During the build, before the run directory exists, so nothing is saved.
+    ("experiment", "build_experiment", 1, None),
+    # During round 2's checkpoint write, after the temporary file is complete, so round 1's checkpoint stays.
+    ("checkpoint", "save_file", 2, 1),
+    # While the final outputs are written, after the last checkpoint.
+    ("outputs", "plot_reliability_diagram", 1, 2),
+]
+
+
+@pytest.mark.parametrize(("module_name", "name", "call", "saved_round"), SECOND_CTRL_C_POINTS)
+def test_second_ctrl_c_exits_130(module_name, name, call, saved_round, tiny_image_folder, tmp_path, monkeypatch, capsys):
+    import signal
+
+    import fl2ora.experiment
+    import fl2ora.runtime.checkpoint
+    import fl2ora.runtime.outputs
+    from fl2ora.runtime.checkpoint import load_checkpoint
+
+    modules = {
+        "experiment": fl2ora.experiment,
+        "checkpoint": fl2ora.runtime.checkpoint,
+        "outputs": fl2ora.runtime.outputs,
+    }
+    config = write_tiny_config(tmp_path, tiny_image_folder)
+    run = tmp_path / "run"
+    interrupt_on_call(monkeypatch, modules[module_name], name, call)
+    handler_before = signal.getsignal(signal.SIGINT)
+
+    code = main(["run", str(config), "--output", str(run), "--quiet"])
+
+    assert code == 130
+    assert signal.getsignal(signal.SIGINT) is handler_before
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert "fl2ora: stopping at the next safe point (Ctrl-C again to stop at once)" in lines
+    assert not any(line.startswith("Traceback") for line in lines)
+    message = lines[-1]
+    stopped = "fl2ora: stopped at once by a second Ctrl-C"
+    if saved_round is None:
+        assert message == f"{stopped} before this run wrote {run}, so nothing was saved. Start the run again."
+        assert not run.exists()
+        return
+    assert load_checkpoint(run).round == saved_round
+    assert message == (
+        f"{stopped}. {run} contains the checkpoint after round {saved_round}. Continue with: fl2ora run --resume {run}"
+    )
+    assert not (run / "checkpoint.safetensors.tmp").exists()
+    assert not (run / "summary.json").exists()
+
+    # The resumed run finishes both rounds.
+    monkeypatch.undo()
+    assert main(["run", "--resume", str(run), "--quiet"]) == 0
+    assert [record["round"] for record in read_metrics(run)] == [1, 2]
+    assert json.loads((run / "summary.json").read_text())["rounds"] == 2
+
+
+def test_sweep_ctrl_c_exits_130(tmp_path, monkeypatch, capsys):
+    import fl2ora.runner
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fl2ora.runner, "run_experiment", interrupted)
+    output = tmp_path / "sweep"
+    code = main(["sweep", str(REPO / "configs" / "quickstart.yaml"), "--grid", "seed=0,1", "--output", str(output), "--quiet"])
+    assert code == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"fl2ora: interrupted. The finished cells in {output} are kept, and the same command "
+        "run again skips them and runs the others."
+    )

@@ -142,6 +142,77 @@ def test_reproduce_rejects_unknown_setting_and_dataset(capsys):
     assert "not part of domain_skew" in capsys.readouterr().err
 
 
+def test_reproduce_default_presets_from_other_directory(tmp_path, monkeypatch):
+    import yaml
+
+    from fl2ora.config import config_to_dict, load_config
+    from fl2ora.reproduce import plan_runs
+
+    monkeypatch.chdir(tmp_path)
+    runs = plan_runs("in_distribution", None, Path("out"), datasets=["cifar10"])
+
+    assert [(run.dataset, run.method) for run in runs] == [("cifar10", "fl2ora"), ("cifar10", "promptfl")]
+    for run in runs:
+        preset = REPO / "configs" / "paper" / f"cifar10_{run.method}.yaml"
+        assert run.values == yaml.safe_load(preset.read_text())
+        assert config_to_dict(config_from_dict(run.values)) == config_to_dict(load_config(preset))
+        assert run.path == Path("out") / "cifar10" / run.method
+
+
+def test_reproduce_relative_presets_from_working_directory(tmp_path, monkeypatch):
+    import yaml
+
+    from fl2ora.reproduce import plan_runs
+
+    values = yaml.safe_load((REPO / "configs" / "paper" / "cifar10_fl2ora.yaml").read_text())
+    values["name"] = "my-cifar10"
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "cifar10_fl2ora.yaml").write_text(yaml.safe_dump(values))
+    monkeypatch.chdir(tmp_path)
+
+    runs = plan_runs("in_distribution", Path("mine"), Path("out"), datasets=["cifar10"], methods=["fl2ora"])
+
+    assert len(runs) == 1
+    assert runs[0].values == values
+
+
+def test_reproduce_missing_presets_named(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["reproduce", "in_distribution", "--presets", "configs/paper"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == (
+        "fl2ora: error: Presets folder 'configs/paper' does not exist (a relative --presets is read from the "
+        f"working directory {str(tmp_path)!r}). Give the folder that contains <dataset>_<method>.yaml files, "
+        f"such as {str(REPO / 'configs' / 'paper')!r}."
+    )
+    assert not (tmp_path / "runs").exists()
+
+
+def test_reproduce_cli_default_presets_and_ctrl_c(tmp_path, monkeypatch, capsys):
+    import yaml
+
+    import fl2ora.runner
+
+    started = []
+
+    def interrupted(config, output, overwrite=False, interrupt=None):
+        started.append((config.name, Path(output)))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fl2ora.runner, "run_experiment", interrupted)
+    monkeypatch.chdir(tmp_path)
+
+    code = main(["reproduce", "in_distribution", "--datasets", "cifar10", "--output", "out", "--quiet"])
+
+    assert code == 130
+    preset = yaml.safe_load((REPO / "configs" / "paper" / "cifar10_fl2ora.yaml").read_text())
+    assert started == [(preset["name"], Path("out") / "cifar10" / "fl2ora")]
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "fl2ora: interrupted. The finished runs in out are kept, and the same command "
+        "run again skips them and runs the others."
+    )
+
+
 @pytest.mark.slow
 def test_pacs_leave_one_domain_out_end_to_end(tmp_path):
     from fl2ora.rundir import RunDirectory, read_metrics

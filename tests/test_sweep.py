@@ -24,11 +24,32 @@ def test_parse_grid_reads_yaml_values():
 
 @pytest.mark.parametrize(
     ("items", "match"),
-    [(["lora.rank"], "key=v1,v2"), (["=1,2"], "key=v1,v2"), (["lora.rank="], "key=v1,v2"), (["seed=1", "seed=2"], "given twice")],
+    [
+        (["lora.rank"], "key=v1,v2"),
+        (["=1,2"], "key=v1,v2"),
+        (["lora.rank="], "key=v1,v2"),
+        (["seed=1", "seed=2"], "given twice"),
+        (["seed=0,0"], "Grid key 'seed' lists the value 0 more than once"),
+        (["seed=0,1,00"], "Grid key 'seed' lists the value 0 more than once"),  # 00 is YAML for 0
+        (["lora.layers=[0,1],all,[0, 1]"], r"Grid key 'lora.layers' lists the value \[0, 1\] more than once"),
+        (["method=coop", "loss.name=dca,mdca,dca"], "Grid key 'loss.name' lists the value 'dca' more than once"),
+    ],
 )
 def test_parse_grid_invalid(items, match):
     with pytest.raises(ConfigError, match=match):
         parse_grid(items)
+
+
+def test_parse_grid_keeps_true_and_one_apart():
+    # True == 1 in Python, but they are different configuration values.
+    assert parse_grid(["flag=true,1"]) == {"flag": [True, 1]}
+
+
+def test_plan_rejects_duplicate_value(tmp_path):
+    base = config_to_dict(load_config(REPO / "configs" / "quickstart.yaml"))
+    with pytest.raises(ConfigError, match="Grid key 'seed' lists the value 3 more than once"):
+        plan_sweep(base, {"lora.rank": [2, 4], "seed": [3, 5, 3]}, tmp_path)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_plan_rejects_invalid_cell_before_running(tmp_path):

@@ -77,7 +77,11 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     reproduce.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                            help="override a value in every preset, e.g. --set model.name=tiny (repeatable)")
-    reproduce.add_argument("--presets", default="configs/paper", help="folder of the presets (default: configs/paper)")
+    reproduce.add_argument(
+        "--presets", metavar="DIR",
+        help="folder of <dataset>_<method>.yaml presets; a relative DIR is read from the working directory "
+        "(default: configs/paper of the fl2ora checkout, whatever the working directory)",
+    )
     reproduce.add_argument("--output", help="output folder (default: runs/reproduce-<setting>)")
     reproduce.add_argument("--quiet", action="store_true", help="log warnings only on the console")
 
@@ -113,6 +117,25 @@ def _configure_logging(quiet: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _reject_output_file(path: Path) -> None:
+    """Reject an --output folder path that is an existing file or lies below one, before any work starts.
+
+    Raises:
+        ConfigError: naming the path and the file in the way.
+    """
+    for candidate in (path, *path.parents):
+        # exists() is False for a path below a file, so the loop reaches the file itself.
+        if not candidate.exists():
+            continue
+        if candidate.is_dir():
+            return
+        where = "is" if candidate == path else f"lies below {str(candidate)!r}, which is"
+        raise ConfigError(
+            f"--output {str(path)!r} {where} an existing file, not a folder. "
+            "Give the path of a folder (it is created when missing)."
+        )
+
+
 @contextlib.contextmanager
 def _interrupt_on_sigint() -> Iterator[Any]:
     """Turn the first Ctrl-C into a request to stop at the next safe point; a second one stops at once."""
@@ -143,11 +166,13 @@ def _command_run(args: argparse.Namespace) -> int:
         raise ConfigError("Give either a CONFIG to start a run or --resume RUN_DIR to continue one, not both.")
     if not args.resume and not args.config:
         raise ConfigError("Missing CONFIG: fl2ora run CONFIG, or fl2ora run --resume RUN_DIR to continue a run.")
+    config = None
     if args.resume:
         output = Path(args.resume)
     else:
         config = load_config(args.config, args.overrides)
         output = Path(args.output) if args.output else Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        _reject_output_file(output)
     _configure_logging(args.quiet)
     try:
         with _interrupt_on_sigint() as flag:
@@ -168,9 +193,52 @@ def _command_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130
+    except KeyboardInterrupt:
+        # A second Ctrl-C: the signal handler raised while the first request was pending. Further
+        # Ctrl-C presses are ignored while the checkpoint is read for the message.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            print("\n" + _stopped_at_once_message(output, config), file=sys.stderr)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        return 130
     print(format_results_table(summary))
     print(f"Run directory: {output}")
     return 0
+
+
+def _stopped_at_once_message(output: Path, config: Any) -> str:
+    """Describe what a run stopped by a second Ctrl-C left in ``output``, and how to continue it.
+
+    Args:
+        config: the configuration of a new run, or None when the command resumed ``output``.
+    """
+    import yaml
+
+    from fl2ora.config import config_from_dict
+    from fl2ora.rundir import CONFIG_FILE, SUMMARY_FILE
+    from fl2ora.runtime.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint
+
+    stopped = "fl2ora: stopped at once by a second Ctrl-C"
+    resume = f"Continue with: fl2ora run --resume {output}"
+    if config is not None:
+        # With --overwrite, the folder may still contain an earlier run until the new one replaces it.
+        try:
+            saved = yaml.safe_load((output / CONFIG_FILE).read_text())
+            own = config_to_dict(config_from_dict(saved)) == config_to_dict(config)
+        except (OSError, ValueError, TypeError, yaml.YAMLError):
+            own = False
+        if not own:
+            return f"{stopped} before this run wrote {output}, so nothing was saved. Start the run again."
+    if (output / SUMMARY_FILE).is_file():
+        return f"{stopped} after the run finished, so {output} contains all its outputs."
+    if not (output / CHECKPOINT_FILE).is_file():
+        return f"{stopped}. {output} contains no checkpoint yet, so the run starts again from round 1. {resume}"
+    try:
+        saved_round = load_checkpoint(output).round
+    except CheckpointError as error:
+        return f"{stopped}. {error}"
+    return f"{stopped}. {output} contains the checkpoint after round {saved_round}. {resume}"
 
 
 def _command_sweep(args: argparse.Namespace) -> int:
@@ -179,12 +247,20 @@ def _command_sweep(args: argparse.Namespace) -> int:
     base = config_to_dict(load_config(args.config, args.overrides))
     grid = parse_grid(args.grid)
     output = Path(args.output) if args.output else Path("runs") / f"sweep-{base['name']}"
+    _reject_output_file(output)
     _configure_logging(args.quiet)
     failure = None
     try:
         run_sweep(base, grid, output)
     except SweepError as error:
         failure = error
+    except KeyboardInterrupt:
+        print(
+            f"\nfl2ora: interrupted. The finished cells in {output} are kept, and the same command "
+            "run again skips them and runs the others.",
+            file=sys.stderr,
+        )
+        return 130
     if (output / "comparison.md").is_file():
         print((output / "comparison.md").read_text())
     if failure is not None:
@@ -204,16 +280,25 @@ def _command_reproduce(args: argparse.Namespace) -> int:
             raise ConfigError(f"--data-root {item!r} must have the form DATASET=PATH, e.g. pacs=data/pacs.")
         roots[name] = path
     output = Path(args.output) if args.output else Path("runs") / f"reproduce-{args.setting}"
+    _reject_output_file(output)
     _configure_logging(args.quiet)
-    table = run_reproduction(
-        args.setting,
-        Path(args.presets),
-        output,
-        datasets=[d for d in args.datasets.split(",") if d] or None,
-        methods=[m for m in args.methods.split(",") if m] or None,
-        data_roots=roots,
-        overrides=args.overrides,
-    )
+    try:
+        table = run_reproduction(
+            args.setting,
+            Path(args.presets) if args.presets else None,
+            output,
+            datasets=[d for d in args.datasets.split(",") if d] or None,
+            methods=[m for m in args.methods.split(",") if m] or None,
+            data_roots=roots,
+            overrides=args.overrides,
+        )
+    except KeyboardInterrupt:
+        print(
+            f"\nfl2ora: interrupted. The finished runs in {output} are kept, and the same command "
+            "run again skips them and runs the others.",
+            file=sys.stderr,
+        )
+        return 130
     print(table.read_text())
     print(f"Runs and table in {output}")
     return 0
@@ -222,8 +307,9 @@ def _command_reproduce(args: argparse.Namespace) -> int:
 def _command_compare(args: argparse.Namespace) -> int:
     from fl2ora.compare import read_run, write_comparison
 
-    records = [read_run(path) for path in args.runs]
     output = Path(args.output)
+    _reject_output_file(output)
+    records = [read_run(path) for path in args.runs]
     write_comparison(records, output)
     print((output / "comparison.md").read_text())
     return 0

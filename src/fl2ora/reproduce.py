@@ -1,11 +1,11 @@
 """``fl2ora reproduce SETTING``: run the study's presets of one setting and tabulate them.
 
-Each dataset of the setting runs with the FL²oRA and PromptFL presets of
-``configs/paper/`` (one run directory each, finished runs skipped), and the table
-is written in the study's layout: accuracy, ECE, MCE and ACE in percent as the mean
-± standard deviation over the last evaluated rounds; per domain for domain skew;
-per held-out domain for domain generalisation; base, new and their harmonic mean
-for base-to-new.
+Each dataset of the setting runs with the FL²oRA and PromptFL presets of the
+repository's ``configs/paper/`` or of another folder, one run directory each, and
+finished runs are skipped. The table is written in the study's layout: accuracy,
+ECE, MCE and ACE in percent as the mean ± standard deviation over the last evaluated
+rounds; per domain for domain skew; per held-out domain for domain generalisation;
+base, new and their harmonic mean for base-to-new.
 """
 
 from __future__ import annotations
@@ -33,6 +33,9 @@ SETTINGS: dict[str, list[str]] = {
 }
 """The study's settings and their datasets."""
 
+DEFAULT_PRESETS = Path(__file__).resolve().parents[2] / "configs" / "paper"
+"""The study's presets in the fl2ora source checkout, located from this file so that any working directory works."""
+
 METHOD_PRESETS = {"fl2ora": "FL²oRA", "promptfl": "PromptFL"}
 METRICS = [("accuracy", "Acc"), ("ece", "ECE"), ("mce", "MCE"), ("ace", "ACE")]
 
@@ -48,16 +51,35 @@ class ReproduceRun:
     values: dict[str, Any]
 
 
+def _check_presets_folder(presets: Path) -> None:
+    if presets.is_dir():
+        return
+    if presets == DEFAULT_PRESETS:
+        # NOTE: configs/ is not packaged, so an install from a wheel has no default presets.
+        raise FileNotFoundError(
+            f"The default presets folder {str(presets)!r} does not exist, which happens when fl2ora is "
+            "installed without its repository. Give the folder with --presets DIR."
+        )
+    example = f", such as {str(DEFAULT_PRESETS)!r}" if DEFAULT_PRESETS.is_dir() else ""
+    raise FileNotFoundError(
+        f"Presets folder {str(presets)!r} does not exist (a relative --presets is read from the working "
+        f"directory {str(Path.cwd())!r}). Give the folder that contains <dataset>_<method>.yaml files{example}."
+    )
+
+
 def _preset(presets: Path, dataset: str, method: str) -> Path:
     path = presets / f"{dataset}_{method}.yaml"
     if not path.is_file():
-        raise FileNotFoundError(f"Preset {path} not found; the presets live in configs/paper/.")
+        raise FileNotFoundError(
+            f"Preset {str(path)!r} not found. The presets folder must contain one <dataset>_<method>.yaml file "
+            f"per dataset and method, as {str(DEFAULT_PRESETS)!r} does."
+        )
     return path
 
 
 def plan_runs(
     setting: str,
-    presets: Path,
+    presets: Path | None,
     output: Path,
     datasets: list[str] | None = None,
     methods: list[str] | None = None,
@@ -66,8 +88,13 @@ def plan_runs(
 ) -> list[ReproduceRun]:
     """List the runs of ``setting`` with their validated configurations.
 
+    Args:
+        presets: folder of ``<dataset>_<method>.yaml`` presets; a relative path is read from the
+            working directory. None selects :data:`DEFAULT_PRESETS`.
+
     Raises:
         ConfigError: on an unknown setting, dataset or method, or an invalid configuration.
+        FileNotFoundError: when the presets folder or one of its presets is missing.
     """
     import yaml
 
@@ -81,6 +108,8 @@ def plan_runs(
     unknown = sorted(set(chosen_methods) - set(METHOD_PRESETS))
     if unknown:
         raise ConfigError(f"Unknown methods {unknown}; presets exist for {sorted(METHOD_PRESETS)}.")
+    presets = DEFAULT_PRESETS if presets is None else presets
+    _check_presets_folder(presets)
 
     runs = []
     for dataset in chosen:
@@ -176,7 +205,7 @@ def tabulate(setting: str, runs: list[ReproduceRun], last: int = 5) -> tuple[lis
 
 def run_reproduction(
     setting: str,
-    presets: Path,
+    presets: Path | None,
     output: Path,
     datasets: list[str] | None = None,
     methods: list[str] | None = None,
@@ -184,6 +213,8 @@ def run_reproduction(
     overrides: list[str] | None = None,
 ) -> Path:
     """Run every unfinished run of ``setting`` and write ``<output>/table.md`` and ``table.csv``.
+
+    ``presets`` is read as in :func:`plan_runs`.
 
     Returns:
         The path of the Markdown table.

@@ -39,7 +39,8 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
     {'lora.rank': [2, 4], 'method': ['fl2ora']}
 
     Raises:
-        ConfigError: on an item without ``=``, an empty value list or a repeated key.
+        ConfigError: on an item without ``=``, an empty value list, a repeated key or a
+            value listed twice for one key.
     """
     grid: dict[str, list[Any]] = {}
     for item in items:
@@ -52,7 +53,23 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
         # Split on commas that are not inside brackets.
         values = [part for part in re.split(r",(?![^\[]*\])", raw) if part.strip()]
         grid[key] = [yaml.safe_load(value) for value in values]
+        _check_distinct_values(key, grid[key])
     return grid
+
+
+def _check_distinct_values(key: str, values: list[Any]) -> None:
+    """Raise ConfigError when one grid key lists a value twice, because both copies would be the same cell.
+
+    Values are compared after YAML parsing, so ``seed=0,00`` repeats the value 0. ``True`` and
+    ``1`` count as different values although they compare equal in Python.
+    """
+    for index, value in enumerate(values):
+        for earlier in values[:index]:
+            if earlier == value and isinstance(earlier, bool) == isinstance(value, bool):
+                raise ConfigError(
+                    f"Grid key {key!r} lists the value {value!r} more than once, so the same cell would run "
+                    "and be counted twice. List each value once."
+                )
 
 
 def _cell_name(overrides: dict[str, Any]) -> str:
@@ -69,9 +86,12 @@ def plan_sweep(base: dict[str, Any], grid: dict[str, list[Any]], output: Path) -
     """List every cell of the grid, validating each cell's configuration before anything runs.
 
     Raises:
-        ConfigError: naming the first cell whose configuration is invalid.
+        ConfigError: naming the first cell whose configuration is invalid, or a key that
+            lists one value twice.
     """
     keys = list(grid)
+    for key in keys:
+        _check_distinct_values(key, grid[key])
     cells = []
     for combination in itertools.product(*(grid[key] for key in keys)):
         overrides = dict(zip(keys, combination))

@@ -131,6 +131,27 @@ def test_missing_hub_weights_fail_fast(monkeypatch):
     assert "random_init" in message
 
 
+@pytest.mark.parametrize("random_init", [False, True])
+def test_missing_pt_file_named(random_init, tmp_path):
+    path = tmp_path / "ViT-B-61.pt"  # mistyped ViT-B-16.pt
+    with pytest.raises(ConfigError) as raised:
+        load_backbone(ModelConfig(name=str(path), random_init=random_init))
+    message = str(raised.value)
+    assert message.startswith(f"OpenAI CLIP checkpoint file {str(path)!r} (model.name={str(path)!r}) does not exist.")
+    assert "Check the path" in message
+    assert "Hugging Face" not in message
+    assert "\n" not in message
+
+
+def test_local_folder_named_pt_loads(tmp_path):
+    # A save_pretrained folder whose name ends in .pt is still a model folder, not a missing file.
+    folder = tmp_path / "clip-tiny.pt"
+    torch.manual_seed(6)
+    saved = CLIPModel(build_architecture("tiny"))
+    saved.save_pretrained(folder)
+    assert_same_weights(load_backbone(ModelConfig(name=str(folder))).model, saved)
+
+
 def test_local_folder_loads_same_weights(tmp_path):
     folder = tmp_path / "clip-tiny"
     torch.manual_seed(4)

@@ -236,6 +236,68 @@ def test_torchscript_storage_out_of_bounds_rejected(tmp_path, checkpoints):
         read_openai_state_dict(path)
 
 
+@pytest.mark.parametrize("kind", ["torchscript", "torchscript-float16", "plain"])
+def test_truncated_file_rejected(kind, checkpoints, tmp_path):
+    # The first half of the file, as a download cut short leaves it.
+    data = checkpoints[kind].read_bytes()
+    path = tmp_path / "ViT-B-16.pt"
+    path.write_bytes(data[: len(data) // 2])
+
+    with pytest.raises(ValueError) as raised:
+        read_openai_state_dict(path)
+    assert str(raised.value) == (
+        f"OpenAI CLIP checkpoint {str(path)!r} is truncated or is not a CLIP checkpoint "
+        "(PytorchStreamReader failed reading zip archive: failed finding central directory). Download it again."
+    )
+
+
+def test_empty_file_rejected(tmp_path):
+    path = tmp_path / "ViT-B-16.pt"
+    path.write_bytes(b"")
+    with pytest.raises(ValueError) as raised:
+        read_openai_state_dict(path)
+    assert str(raised.value) == (
+        f"OpenAI CLIP checkpoint {str(path)!r} is truncated or is not a CLIP checkpoint (EOFError). Download it again."
+    )
+
+
+def test_damaged_zip_member_rejected(checkpoints, tmp_path):
+    # A complete zip whose tensor bytes were altered fails the member's CRC check.
+    data = bytearray(checkpoints["torchscript"].read_bytes())
+    with zipfile.ZipFile(checkpoints["torchscript"]) as archive:
+        member = next(item for item in archive.infolist() if item.filename.endswith("/data/0"))
+    # A local file header is 30 bytes, then the name and the extra field (its length at offset 28); the data follows.
+    header = member.header_offset
+    extra_length = int.from_bytes(data[header + 28 : header + 30], "little")
+    data[header + 30 + len(member.filename.encode()) + extra_length] ^= 0xFF
+    path = tmp_path / "damaged.pt"
+    path.write_bytes(bytes(data))
+
+    with pytest.raises(ValueError, match=r"is truncated or is not a CLIP checkpoint \(Bad CRC-32"):
+        read_openai_state_dict(path)
+
+
+def test_truncated_file_reported_by_cli(checkpoints, tiny_image_folder, tmp_path, capsys):
+    from fl2ora.cli import main
+
+    data = checkpoints["torchscript"].read_bytes()
+    path = tmp_path / "ViT-B-16.pt"
+    path.write_bytes(data[: len(data) // 2])
+    overrides = [f"model.name={path}", "model.random_init=false", "data.dataset=image_folder",
+                 f"data.root={tiny_image_folder}", "partition.num_clients=2", "partition.min_samples=2"]
+    config = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
+
+    code = main(["run", str(config), "--output", str(tmp_path / "run"), "--quiet",
+                 *[arg for value in overrides for arg in ("--set", value)]])
+
+    assert code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith(f"fl2ora: error: OpenAI CLIP checkpoint {str(path)!r} is truncated")
+    assert lines[-1].endswith("Download it again.")
+    assert not any(line.startswith("Traceback") for line in lines)
+    assert not (tmp_path / "run").exists()
+
+
 # --- architecture and mapping --------------------------------------------------------------------
 
 

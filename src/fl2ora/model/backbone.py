@@ -121,6 +121,27 @@ def _cached_snapshot(repo_id: str) -> str | None:
     return str(Path(config_file).parent)
 
 
+def _openai_checkpoint_file(name: str) -> Path | None:
+    """Return the OpenAI-format checkpoint file that ``model.name`` names, or None for other names.
+
+    A name ending in ``.pt`` is a file path, unless it is an existing folder (a model folder
+    written by ``CLIPModel.save_pretrained`` may have any name).
+
+    Raises:
+        ConfigError: when the name ends in ``.pt`` but no such file exists, so that a mistyped
+            path is not reported as missing hub weights.
+    """
+    file = Path(name).expanduser()
+    if not name.endswith(".pt") or file.is_dir():
+        return None
+    if not file.is_file():
+        raise ConfigError(
+            f"OpenAI CLIP checkpoint file {str(file)!r} (model.name={name!r}) does not exist. "
+            "Check the path, e.g. model.name=~/.cache/clip/ViT-B-16.pt."
+        )
+    return file
+
+
 def _missing_weights_error(name: str, cause: Exception | None) -> ConfigError:
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     how = (
@@ -139,22 +160,25 @@ def load_backbone(config: ModelConfig) -> Backbone:
     """Load or build the CLIP backbone described by ``config``.
 
     Architecture names (``tiny``, ``vit-b-32``, ``vit-b-16``) exist only with random
-    weights. A hub id is read from the local cache unless ``allow_download`` is set,
-    so a missing model fails at once instead of after network retries.
+    weights. A name ending in ``.pt`` is the path of an OpenAI-format checkpoint file. A
+    hub id is read from the local cache unless ``allow_download`` is set, so a missing
+    model fails at once instead of after network retries.
 
     Raises:
-        ConfigError: when the weights cannot be found, with the ways to provide them.
+        ConfigError: when the weights cannot be found, with the ways to provide them, or
+            when a ``.pt`` file does not exist.
     """
     name = config.name
     local = _is_local_folder(name)
+    openai_file = _openai_checkpoint_file(name)
 
     if config.random_init:
         if name in ARCHITECTURES:
             clip_config, source = build_architecture(name), None
         elif name in HUB_ARCHITECTURES:
             clip_config, source = build_architecture(HUB_ARCHITECTURES[name]), None
-        elif name.endswith(".pt") and Path(name).expanduser().is_file():
-            clip_config, source = infer_openai_config(read_openai_state_dict(Path(name).expanduser())), None
+        elif openai_file is not None:
+            clip_config, source = infer_openai_config(read_openai_state_dict(openai_file)), None
         elif local:
             clip_config, source = CLIPConfig.from_pretrained(name), name
         else:
@@ -168,9 +192,9 @@ def load_backbone(config: ModelConfig) -> Backbone:
             model = CLIPModel(clip_config)
         tokenizer = _load_tokenizer(source, local_only=True) if source else bundled_clip_tokenizer()
         logger.warning("%s (model %s, init seed %d)", RANDOM_INIT_WARNING, name, config.init_seed)
-    elif name.endswith(".pt") and Path(name).expanduser().is_file():
+    elif openai_file is not None:
         # An OpenAI-format checkpoint, as cached by OpenAI's clip package (TorchScript or state dict).
-        model = load_openai_checkpoint(Path(name).expanduser())
+        model = load_openai_checkpoint(openai_file)
         tokenizer = bundled_clip_tokenizer(model.config.text_config.max_position_embeddings)
     else:
         if name in ARCHITECTURES:

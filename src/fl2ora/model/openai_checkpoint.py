@@ -255,29 +255,45 @@ def read_openai_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tens
 
     Raises:
         FileNotFoundError: when ``path`` is not a file.
-        ValueError: when the file contains anything besides tensors (such as a pickled object
-            whose unpickling would call a function) or is not a state dict.
+        ValueError: when the file is truncated or unreadable, contains anything besides tensors
+            (such as a pickled object whose unpickling would call a function) or is not a state dict.
     """
     file = Path(path).expanduser()
     if not file.is_file():
         raise FileNotFoundError(f"OpenAI CLIP checkpoint {str(file)!r} not found. Give the path of a .pt file.")
 
-    if zipfile.is_zipfile(file):
-        with zipfile.ZipFile(file) as archive:
-            prefix = _torchscript_prefix(archive)
-            if prefix is not None:
-                logger.info("Reading the tensors of TorchScript archive %s without running its code", file)
-                return _unwrap_state_dict(file, _read_torchscript(file, archive, prefix))
-
     try:
+        if zipfile.is_zipfile(file):
+            with zipfile.ZipFile(file) as archive:
+                prefix = _torchscript_prefix(archive)
+                if prefix is not None:
+                    logger.info("Reading the tensors of TorchScript archive %s without running its code", file)
+                    return _unwrap_state_dict(file, _read_torchscript(file, archive, prefix))
         loaded = torch.load(file, map_location="cpu", weights_only=True)
+    except (zipfile.BadZipFile, EOFError, RuntimeError) as error:
+        # A download cut short leaves a zip without its central directory, which torch.load reports
+        # as a RuntimeError. A damaged member fails its CRC check (BadZipFile) or ends early (EOFError).
+        raise ValueError(
+            f"OpenAI CLIP checkpoint {str(file)!r} is truncated or is not a CLIP checkpoint "
+            f"({_first_sentence(error)}). Download it again."
+        ) from error
     except pickle.UnpicklingError as error:
         raise ValueError(
             f"{file} contains objects other than tensors, so weights-only loading rejected it "
-            f"({str(error).splitlines()[0]}). Re-save the weights with torch.save(model.state_dict(), path) "
+            f"({_first_line(error)}). Re-save the weights with torch.save(model.state_dict(), path) "
             "from a trusted session."
         ) from error
     return _unwrap_state_dict(file, loaded)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def _first_sentence(error: BaseException) -> str:
+    # torch.load's message for a damaged zip continues with several sentences of general advice.
+    return _first_line(error).split(". ")[0].removesuffix(".")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -520,8 +536,8 @@ def load_openai_checkpoint(path: str | os.PathLike[str]) -> CLIPModel:
 
     Raises:
         FileNotFoundError: when ``path`` is not a file.
-        ValueError: when the file contains non-tensor objects, a ResNet model, or tensors whose names
-            or shapes do not fit the inferred architecture (each one listed).
+        ValueError: when the file is truncated or unreadable, contains non-tensor objects, a ResNet
+            model, or tensors whose names or shapes do not fit the inferred architecture (each one listed).
     """
     state_dict = read_openai_state_dict(path)
     config = infer_openai_config(state_dict)
