@@ -69,13 +69,14 @@ def resume_experiment(
 
     Raises:
         ConfigError: naming the keys that differ from the saved configuration.
-        CheckpointError: when the checkpoint is missing, corrupt or does not fit.
+        CheckpointError: when the checkpoint is missing, corrupt, or does not fit the
+            model or ``federated.rounds``.
         FileExistsError: when the run already finished.
     """
     from fl2ora.config import ConfigError, apply_overrides, config_from_dict
     from fl2ora.experiment import build_experiment
     from fl2ora.rundir import CONFIG_FILE, SUMMARY_FILE
-    from fl2ora.runtime.checkpoint import CHECKPOINT_FILE, load_checkpoint
+    from fl2ora.runtime.checkpoint import CHECKPOINT_FILE, check_round, load_checkpoint
     from fl2ora.runtime.simulation import check_resumable, run_simulation
 
     run_dir = RunDirectory(output, resume=True)
@@ -101,6 +102,8 @@ def resume_experiment(
                 f"{run_dir.file(CONFIG_FILE)} differs from the configuration stored in the checkpoint in {edited}; "
                 "it was edited after the run started. Restore it, or allow the keys with --allow-change."
             )
+    if checkpoint is not None:
+        check_round(checkpoint, config.federated.rounds, run_dir.path)
     with log_to_file(run_dir.file(LOG_FILE)):
         experiment = build_experiment(config)
         if checkpoint is None:

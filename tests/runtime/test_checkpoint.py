@@ -1,9 +1,13 @@
-"""Checkpoints, exact resume after SIGKILL or Ctrl-C, and safe loading."""
+"""Checkpoints, exact resume after SIGKILL or Ctrl-C, safe loading, and deterministic adapter bytes."""
 
 import errno
+import json
+import math
 import os
 import pickle
+import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -11,13 +15,24 @@ import time
 import pytest
 import torch
 import yaml
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from fl2ora.config import ConfigError
 from fl2ora.federated.rules import FedDynClientState, FedDynServerState
-from fl2ora.model.trainable import load_adapter
+from fl2ora.model.trainable import load_adapter, save_adapter
 from fl2ora.runner import resume_experiment
 from fl2ora.runtime import checkpoint as checkpoint_module
-from fl2ora.runtime.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from fl2ora.runtime.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    check_round,
+    check_tensors_match,
+    load_checkpoint,
+    save_checkpoint,
+)
+
+START_OVER = "Start a new run, or point --resume at another run directory."
 
 
 def write_config(folder, data_root, **sections):
@@ -44,6 +59,7 @@ def fl2ora(*args, env=None, **kwargs):
 
 def assert_same_outputs(run, reference):
     assert (run / "metrics.jsonl").read_text() == (reference / "metrics.jsonl").read_text()
+    assert (run / "adapter.safetensors").read_bytes() == (reference / "adapter.safetensors").read_bytes()
     adapter, expected = load_adapter(run / "adapter.safetensors"), load_adapter(reference / "adapter.safetensors")
     assert adapter.keys() == expected.keys()
     for name in expected:
@@ -169,11 +185,18 @@ def test_truncated_checkpoint_rejected(tmp_path):
         load_checkpoint(tmp_path)
 
 
-def test_resume_rejects_changed_config_and_mismatched_tensors(uninterrupted, tmp_path):
+@pytest.fixture(scope="module")
+def stopped_run(uninterrupted, tmp_path_factory):
+    """A run killed during round 2, so its checkpoint is after round 1. Tests work on copies."""
     config, _ = uninterrupted
-    run = tmp_path / "run"
+    run = tmp_path_factory.mktemp("stopped") / "run"
     result = fl2ora("run", str(config), "--output", str(run), env={"FL2ORA_KILL_AT": "aggregate:2"})
     assert result.returncode == -signal.SIGKILL
+    return run
+
+
+def test_resume_rejects_changed_config_and_mismatched_tensors(stopped_run, tmp_path):
+    run = shutil.copytree(stopped_run, tmp_path / "run")
     saved_config = (run / "config.yaml").read_text()
 
     with pytest.raises(ConfigError, match=r"\['lora.rank', 'train.lr'\] differ from the saved run.*--allow-change lora.rank,train.lr"):
@@ -196,3 +219,254 @@ def test_safetensors_write_error_becomes_oserror(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="The previous checkpoint is kept"):
         save_checkpoint(tmp_path, small_checkpoint(round_index=2))
     assert load_checkpoint(tmp_path).round == 1
+
+
+def tamper(folder, edit_header=None, edit_state=None, edit_tensors=None):
+    """Rewrite ``folder``'s checkpoint after applying the edit functions to its header, state and tensors."""
+    path = folder / "checkpoint.safetensors"
+    with safe_open(str(path), framework="pt") as stream:
+        header = dict(stream.metadata())
+        tensors = {name: stream.get_tensor(name) for name in stream.keys()}
+    if edit_state is not None:
+        state = json.loads(header["state"])
+        edit_state(state)
+        header["state"] = json.dumps(state)
+    if edit_header is not None:
+        edit_header(header)
+    if edit_tensors is not None:
+        edit_tensors(tensors)
+    save_file(tensors, str(path), metadata=header)
+    return path
+
+
+def assert_one_line_naming(message, *parts):
+    assert "\n" not in message
+    for part in parts:
+        assert part in message, part
+
+
+@pytest.mark.parametrize("key", ["round", "history", "bytes_per_round", "has_server_state", "client_ids"])
+def test_missing_state_key_names_key_and_fix(key, tmp_path):
+    save_checkpoint(tmp_path, small_checkpoint())
+    path = tamper(tmp_path, edit_state=lambda state: state.pop(key))
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(tmp_path)
+    assert_one_line_naming(str(error.value), str(path), f"missing the required key {key!r}", START_OVER)
+
+
+@pytest.mark.parametrize("key", ["format_version", "state"])
+def test_missing_header_key_names_key_and_fix(key, tmp_path):
+    save_checkpoint(tmp_path, small_checkpoint())
+    path = tamper(tmp_path, edit_header=lambda header: header.pop(key))
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(tmp_path)
+    assert_one_line_naming(str(error.value), str(path), f"missing the required key {key!r}", START_OVER)
+
+
+def test_missing_wall_time_defaults_to_zero(tmp_path):
+    save_checkpoint(tmp_path, small_checkpoint())
+    tamper(tmp_path, edit_state=lambda state: state.pop("wall_time_seconds"))
+    assert load_checkpoint(tmp_path).wall_time_seconds == 0.0
+
+
+@pytest.mark.parametrize(
+    "key, value, expected",
+    [
+        ("round", "2", "an integer"),
+        ("round", 1.5, "an integer"),
+        ("round", True, "an integer"),  # bool is an int subclass in Python
+        ("history", {"round": 1}, "a list of round records"),
+        ("bytes_per_round", None, "a list of per-round traffic records"),
+        ("has_server_state", "yes", "true or false"),
+        ("client_ids", "3", "a list of client ids"),
+        ("wall_time_seconds", "1.5", "a number"),
+    ],
+)
+def test_state_value_of_wrong_type_rejected(key, value, expected, tmp_path):
+    save_checkpoint(tmp_path, small_checkpoint())
+    path = tamper(tmp_path, edit_state=lambda state: state.update({key: value}))
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(tmp_path)
+    assert_one_line_naming(str(error.value), str(path), f"{key} = {value!r}", f"must be {expected}", START_OVER)
+
+
+def test_state_that_is_not_an_object_rejected(tmp_path):
+    save_checkpoint(tmp_path, small_checkpoint())
+    path = tamper(tmp_path, edit_header=lambda header: header.update(state="[1, 2]"))
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(tmp_path)
+    assert_one_line_naming(str(error.value), str(path), "'state'", "expected a JSON object, got list", START_OVER)
+
+
+def test_negative_round_rejected(tmp_path):
+    save_checkpoint(tmp_path, small_checkpoint())
+    path = tamper(tmp_path, edit_state=lambda state: state.update(round=-1))
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(tmp_path)
+    assert_one_line_naming(str(error.value), str(path), "round = -1", "at least 0", START_OVER)
+
+
+@pytest.mark.parametrize(
+    "name, positions, value, counts",
+    [
+        ("global/a.lora_A.weight", [(0, 0), (1, 3)], math.nan, "2 NaN, 0 inf"),
+        ("server/h/a.lora_B.weight", [(2, 1)], math.inf, "0 NaN, 1 inf"),
+        ("client/3/gradient/a.lora_A.weight", [(0, 1), (0, 2), (1, 0)], -math.inf, "0 NaN, 3 inf"),
+    ],
+)
+def test_non_finite_tensor_rejected(name, positions, value, counts, tmp_path):
+    save_checkpoint(tmp_path, small_checkpoint())
+
+    def poison(tensors):
+        for row, column in positions:
+            tensors[name][row, column] = value
+
+    path = tamper(tmp_path, edit_tensors=poison)
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(tmp_path)
+    assert_one_line_naming(
+        str(error.value), str(path), f"non-finite values in 1 tensor(s): {name} ({counts})", "Start a new run (with a lower train.lr"
+    )
+
+
+@pytest.mark.parametrize("name", ["client/x/gradient/a.lora_A.weight", "client/3/a.lora_A.weight", "server/a"])
+def test_malformed_tensor_name_rejected(name, tmp_path):
+    save_checkpoint(tmp_path, small_checkpoint())
+    path = tamper(tmp_path, edit_tensors=lambda tensors: tensors.update({name: torch.zeros(2)}))
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(tmp_path)
+    assert_one_line_naming(str(error.value), str(path), f"unexpected tensor {name!r}", START_OVER)
+
+
+@pytest.mark.parametrize("round_index", [0, 1, 3])
+def test_check_round_accepts_rounds_within_run(round_index, tmp_path):
+    check_round(small_checkpoint(round_index), rounds=3, run_dir=tmp_path)
+
+
+@pytest.mark.parametrize(
+    "round_index, expected",
+    [(4, "round = 4, beyond federated.rounds = 3"), (-1, "round = -1, but a round must be at least 0")],
+)
+def test_check_round_rejects_rounds_outside_run(round_index, expected, tmp_path):
+    with pytest.raises(CheckpointError) as error:
+        check_round(small_checkpoint(round_index), rounds=3, run_dir=tmp_path)
+    assert_one_line_naming(str(error.value), str(tmp_path / "checkpoint.safetensors"), expected, "point --resume at another run directory")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16, torch.int64])
+def test_check_tensors_match_rejects_wrong_dtype(dtype):
+    expected = small_checkpoint().global_state
+    saved = {**expected, "a.lora_B.weight": expected["a.lora_B.weight"].to(dtype)}
+    with pytest.raises(CheckpointError) as error:
+        check_tensors_match(saved, expected, "global state")
+    assert_one_line_naming(
+        str(error.value),
+        "global state has tensors of the wrong dtype",
+        f"a.lora_B.weight: checkpoint {dtype}, model torch.float32",
+        "start a new run",
+    )
+    assert "a.lora_A.weight" not in str(error.value)
+
+
+def assert_resume_rejected(run, expected, overrides=None, allow_changes=None):
+    """Resume ``run`` expecting a CheckpointError, and check that the run's files are kept.
+
+    ``run.log`` may only grow, because building the experiment logs before the model check.
+    """
+    before = {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()}
+    with pytest.raises(CheckpointError, match=expected) as error:
+        resume_experiment(run, overrides, allow_changes)
+    assert "\n" not in str(error.value)
+    after = {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()}
+    assert after.keys() == before.keys()
+    for name, data in before.items():
+        if name == "run.log":
+            assert after[name].startswith(data)
+        else:
+            assert after[name] == data, name
+    return str(error.value)
+
+
+def test_resume_rejects_checkpoint_without_history(stopped_run, tmp_path):
+    run = shutil.copytree(stopped_run, tmp_path / "run")
+    path = tamper(run, edit_state=lambda state: state.pop("history"))
+    message = assert_resume_rejected(run, "missing the required key 'history'")
+    assert_one_line_naming(message, str(path), START_OVER)
+
+
+def test_resume_rejects_wrong_dtype_and_non_finite(stopped_run, tmp_path):
+    run = shutil.copytree(stopped_run, tmp_path / "run")
+    with safe_open(str(run / "checkpoint.safetensors"), framework="pt") as stream:
+        name = sorted(key for key in stream.keys() if key.startswith("global/"))[0]
+
+    tamper(run, edit_tensors=lambda tensors: tensors.update({name: tensors[name].double()}))
+    model_name = name.removeprefix("global/")
+    assert_resume_rejected(run, rf"global state has tensors of the wrong dtype: \['{model_name}: checkpoint torch.float64")
+
+    def poison(tensors):
+        tensors[name] = tensors[name].float()
+        tensors[name].view(-1)[0] = math.nan
+
+    tamper(run, edit_tensors=poison)
+    assert_resume_rejected(run, rf"{name} \(1 NaN, 0 inf\)")
+
+
+def test_resume_rejects_round_beyond_federated_rounds(stopped_run, tmp_path):
+    run = shutil.copytree(stopped_run, tmp_path / "run")
+    tamper(run, edit_state=lambda state: state.update(round=3))
+    assert_resume_rejected(
+        run,
+        r"round = 3, beyond federated.rounds = 2\. If you lowered federated.rounds with --set, set it to at least 3",
+        overrides=["federated.rounds=2"],
+        allow_changes=["federated.rounds"],
+    )
+
+    tamper(run, edit_state=lambda state: state.update(round=7))
+    assert_resume_rejected(run, r"round = 7, beyond federated.rounds = 3.*at least 7")
+
+
+def test_cli_resume_broken_checkpoint_one_line(tiny_image_folder, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    write_config(run, tiny_image_folder)
+    save_checkpoint(run, small_checkpoint())
+    path = tamper(run, edit_state=lambda state: state.pop("history"))
+    saved = path.read_bytes()
+
+    result = fl2ora("run", "--resume", str(run))
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"fl2ora: error: Checkpoint {path} is missing the required key 'history'")
+    assert START_OVER in result.stderr
+    assert path.read_bytes() == saved
+
+
+def header_of(data):
+    (length,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8 : 8 + length]), 8 + length
+
+
+def test_save_adapter_writes_identical_bytes(tmp_path):
+    state = {f"layer{i}.lora_A.weight": torch.randn(2, 3) for i in range(5)}
+    state["bias"] = torch.arange(4, dtype=torch.float16)
+    # Many metadata keys, so that two hash orders of them almost never coincide.
+    metadata = {f"key{i}": {"value": i, "nested": [i, str(i)]} for i in range(12)}
+    paths = [tmp_path / f"adapter{i}.safetensors" for i in range(3)]
+    for path in paths:
+        save_adapter(state, path, metadata)
+
+    data = [path.read_bytes() for path in paths]
+    assert data[1] == data[0]
+    assert data[2] == data[0]
+
+    header, data_start = header_of(data[0])
+    assert list(header) == sorted(header)
+    assert list(header["__metadata__"]) == sorted(metadata)
+    assert data_start % 8 == 0
+    with safe_open(str(paths[0]), framework="pt") as stream:
+        assert stream.metadata() == {key: json.dumps(value) for key, value in metadata.items()}
+    loaded = load_adapter(paths[0])
+    assert loaded.keys() == state.keys()
+    for name, tensor in state.items():
+        assert loaded[name].dtype == tensor.dtype
+        assert torch.equal(loaded[name], tensor), name

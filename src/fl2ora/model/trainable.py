@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import struct
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 StateDict = dict[str, torch.Tensor]
@@ -75,10 +76,30 @@ def state_nbytes(state: Mapping[str, torch.Tensor]) -> int:
 
 
 def save_adapter(state: Mapping[str, torch.Tensor], path: str | Path, metadata: Mapping[str, Any]) -> None:
-    """Write ``state`` as safetensors with JSON-encoded ``metadata`` in the header."""
+    """Write ``state`` as safetensors with JSON-encoded ``metadata`` in the header.
+
+    Equal ``state`` and ``metadata`` give byte-identical files: safetensors 0.8 writes
+    the ``__metadata__`` map in hash order, which differs between writes, so the
+    header is encoded again here with sorted keys.
+    """
     tensors = {name: t.detach().contiguous().cpu() for name, t in state.items()}
     header = {key: json.dumps(value) for key, value in metadata.items()}
-    save_file(tensors, str(path), metadata=header)
+    Path(path).write_bytes(_sort_safetensors_header(save(tensors, metadata=header)))
+
+
+def _sort_safetensors_header(data: bytes) -> bytes:
+    """Encode the JSON header of serialized safetensors ``data`` again with sorted keys.
+
+    The header length may change, because tensor data offsets count from the end of
+    the header. The format is an 8-byte little-endian header length, the JSON header
+    and the tensor data.
+    """
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    encoded = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    # Pad with spaces to a multiple of 8 bytes, as safetensors does, so the tensor data stays aligned.
+    encoded += b" " * (-len(encoded) % 8)
+    return struct.pack("<Q", len(encoded)) + encoded + data[8 + length :]
 
 
 def load_adapter(path: str | Path) -> StateDict:
