@@ -27,7 +27,6 @@ import json
 import logging
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -39,7 +38,6 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 # Only random-initialised architectures are built, so the hub is never needed.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -49,6 +47,15 @@ from fl2ora.federated.client import autocast_context  # noqa: E402
 from fl2ora.methods.lora import apply_lora, count_trainable  # noqa: E402
 from fl2ora.model.backbone import ARCHITECTURES, RANDOM_INIT_WARNING, load_backbone  # noqa: E402
 from fl2ora.model.zero_shot import ZeroShotClassifier  # noqa: E402
+from fl2ora.perf.measure import (  # noqa: E402
+    FlopCount,
+    count_flops_detailed,
+    describe_machine,
+    load_average,
+    measure_matmul_detailed,
+    synchronize,
+)
+from fl2ora.perf.report import render_table  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -68,57 +75,6 @@ CPU_UTILISATION_WARNING = 0.8
 # for the first four only (it counts convolutions on the composite aten::conv2d).
 _GEMM_OPERATORS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
 MATMUL_OPERATORS = (*_GEMM_OPERATORS, "aten::mkldnn_convolution", "aten::convolution_backward")
-
-
-def _cpu_flash_attention_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-def _cpu_flash_attention_backward_flop(
-    grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs
-) -> int:
-    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
-
-
-# NOTE: torch 2.14.1's FlopCounterMode has formulas for the CUDA attention kernels only, so on the
-# CPU the two attention matmuls of every block would count as zero. These use the same formulas.
-_EXTRA_FLOP_FORMULAS: dict[Any, Callable[..., int]] = {}
-if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
-    _EXTRA_FLOP_FORMULAS[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_flash_attention_flop
-    _EXTRA_FLOP_FORMULAS[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward] = (
-        _cpu_flash_attention_backward_flop
-    )
-
-
-@dataclass
-class FlopCount:
-    """FLOPs counted by ``FlopCounterMode`` (one multiply-add counts as 2 FLOPs)."""
-
-    total: int
-    by_operator: dict[str, int]
-    """Total per ATen operator, such as ``aten.mm``."""
-    by_module: dict[str, int]
-    """Total per module path, such as ``ZeroShotClassifier.clip.text_model``, nested paths included."""
-
-
-def count_flops(fn: Callable[[], object]) -> FlopCount:
-    """Run ``fn`` once and count the FLOPs of the matrix multiplies, convolutions and attention it runs.
-
-    Backward passes run inside ``fn`` are counted too. Element-wise ops are not counted.
-
-    >>> layer = torch.nn.Linear(3, 4)
-    >>> count_flops(lambda: layer(torch.ones(2, 3))).total  # 2 * batch * in * out
-    48
-    """
-    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS)
-    with counter:
-        fn()
-    counts = counter.get_flop_counts()
-    return FlopCount(
-        total=counter.get_total_flops(),
-        by_operator={str(op): flops for op, flops in counts.get("Global", {}).items()},
-        by_module={name: sum(ops.values()) for name, ops in counts.items() if name != "Global"},
-    )
 
 
 def achieved_flops_per_second(flops_per_step: int, step_seconds: float) -> float:
@@ -152,78 +108,6 @@ def model_flops_utilisation(achieved: float, peak: float) -> float:
     if not (math.isfinite(achieved) and achieved >= 0):
         raise ValueError(f"achieved must be a finite FLOP/s >= 0, got {achieved!r}.")
     return achieved / peak
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@dataclass
-class MatmulResult:
-    """Sustained ``torch.mm`` throughput of square matrices."""
-
-    device: str
-    dtype: str
-    flops_per_second: float
-    """Best rate over the sizes tried."""
-    best_size: int
-    by_size: dict[int, dict[str, float]]
-    """Per size n: ``reps`` products of 2 * n**3 FLOPs in ``seconds``, and ``flops_per_second``."""
-
-
-def measure_matmul(
-    sizes: Sequence[int],
-    device: torch.device,
-    dtype: torch.dtype = torch.float32,
-    min_seconds: float = 1.0,
-) -> MatmulResult:
-    """Measure the sustained throughput of ``torch.mm`` on n x n matrices, for each n in ``sizes``.
-
-    Each size gets one untimed product, then repeats products for at least
-    ``min_seconds``. Its rate is ``2 * n**3 * reps / seconds``, and the best size wins.
-
-    Raises:
-        ValueError: when ``sizes`` is empty or has a size < 1, or ``min_seconds`` is negative.
-    """
-    if not sizes or any(n < 1 for n in sizes):
-        raise ValueError(f"sizes must be a non-empty list of positive matrix sizes, got {list(sizes)!r}. Try [2048].")
-    if min_seconds < 0:
-        raise ValueError(f"min_seconds must be >= 0, got {min_seconds!r}.")
-    # CUDA launches are asynchronous: synchronise after a chunk of products, not after each one.
-    chunk = 8 if device.type == "cuda" else 1
-
-    by_size: dict[int, dict[str, float]] = {}
-    for n in sizes:
-        a = torch.randn(n, n, device=device, dtype=dtype)
-        b = torch.randn(n, n, device=device, dtype=dtype)
-        out = torch.empty(n, n, device=device, dtype=dtype)
-        torch.mm(a, b, out=out)
-        _synchronize(device)
-
-        reps = 0
-        start = time.perf_counter()
-        while True:
-            for _ in range(chunk):
-                torch.mm(a, b, out=out)
-            _synchronize(device)
-            reps += chunk
-            seconds = time.perf_counter() - start
-            if seconds >= min_seconds:
-                break
-        rate = 2 * n**3 * reps / seconds
-        by_size[n] = {"reps": reps, "seconds": seconds, "flops_per_second": rate}
-        logger.info("matmul %d x %d %s: %d products in %.2f s, %.1f GFLOP/s", n, n, dtype, reps, seconds, rate / 1e9)
-        del a, b, out
-
-    best_size = max(by_size, key=lambda n: by_size[n]["flops_per_second"])
-    return MatmulResult(
-        device=str(device),
-        dtype=str(dtype).removeprefix("torch."),
-        flops_per_second=by_size[best_size]["flops_per_second"],
-        best_size=best_size,
-        by_size=by_size,
-    )
 
 
 def build_fl2ora_model(name: str, device: torch.device) -> ZeroShotClassifier:
@@ -280,13 +164,13 @@ def _time_steps(
     """
     for _ in range(warmup):
         step()
-    _synchronize(device)
+    synchronize(device)
     times = []
     cpu_start = time.process_time()
     for _ in range(steps):
         start = time.perf_counter()
         step()
-        _synchronize(device)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     cpu_utilisation = (time.process_time() - cpu_start) / (sum(times) * torch.get_num_threads())
     return times, cpu_utilisation
@@ -313,7 +197,7 @@ def _profile_train_step(step: Callable[[], object], device: torch.device, top: i
     cpu_start, wall_start = time.process_time(), time.perf_counter()
     with torch.profiler.profile(activities=activities, with_flops=True) as profiler:
         step()
-        _synchronize(device)
+        synchronize(device)
     cpu_utilisation = (time.process_time() - cpu_start) / ((time.perf_counter() - wall_start) * torch.get_num_threads())
 
     # Kernel events repeat the device time of the operators that launched them, so keep operators only.
@@ -390,9 +274,9 @@ def _measure_steps(
 
     # Count FLOPs on untimed passes. The gradients left behind are cleared by the next step's zero_grad.
     model.train()
-    train_flops = count_flops(forward_backward)
+    train_flops = count_flops_detailed(forward_backward)
     model.eval()
-    eval_flops = count_flops(eval_step)
+    eval_flops = count_flops_detailed(eval_step)
 
     model.train()
     if device.type == "cuda":
@@ -499,7 +383,7 @@ def measure_model(
 
     Args:
         name: architecture from ``fl2ora.model.backbone.ARCHITECTURES``.
-        matmul_flops_per_second: reference throughput for the MFU, from :func:`measure_matmul`.
+        matmul_flops_per_second: reference throughput for the MFU, from :func:`measure_matmul_detailed`.
         batch_size: images per step.
         steps: timed steps, >= 1.
         warmup: untimed steps before timing, >= 0.
@@ -601,35 +485,6 @@ def with_matmul_reference(result: ModelResult, matmul_flops_per_second: float) -
     )
 
 
-def _load_average() -> float:
-    """Return the 1-minute load average, or NaN where the platform has none."""
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
-
-
-def describe_machine(device: torch.device) -> dict[str, Any]:
-    """Return the CPU model, core counts, torch version and thread count (and the GPU on CUDA)."""
-    cpu_model = platform.processor() or "unknown"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    machine = {
-        "cpu_model": cpu_model,
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "logical_cpus": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
-    if device.type == "cuda":
-        machine["gpu"] = torch.cuda.get_device_name(device)
-    return machine
-
-
 _COLUMNS = (
     ("model", "model", "{}"),
     ("params", "parameters", "{:,}"),
@@ -664,20 +519,12 @@ def table_rows(results: Sequence[ModelResult]) -> tuple[list[str], list[list[str
     return header, rows
 
 
-def render_table(header: list[str], rows: list[list[str]], markdown: bool) -> list[str]:
-    """Render a table as Markdown, or as plain-text columns, numbers right-aligned."""
+def _render_table(header: list[str], rows: list[list[str]], markdown: bool) -> list[str]:
+    """Render a table with ``report.render_table``, in Markdown with every column but the first right-aligned."""
+    lines = render_table(header, rows, markdown)
     if markdown:
-        return [
-            "| " + " | ".join(header) + " |",
-            "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|",
-            *("| " + " | ".join(row) + " |" for row in rows),
-        ]
-    widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
-    lines = []
-    for line in [header, *rows]:
-        cells = [line[0].ljust(widths[0])] + [cell.rjust(width) for cell, width in zip(line[1:], widths[1:])]
-        lines.append("  ".join(cells))
-    lines.insert(1, "  ".join("-" * width for width in widths))
+        # report.render_table aligns every Markdown column left, but this report right-aligns its numbers.
+        lines[1] = "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"
     return lines
 
 
@@ -706,7 +553,7 @@ def format_report(report: dict[str, Any], results: Sequence[ModelResult], markdo
         + _format_rates(matmul["after"])
         + ".",
         "",
-        *render_table(*table_rows(results), markdown=markdown),
+        *_render_table(*table_rows(results), markdown=markdown),
         "",
         f"Batch {first.batch_size}, {first.precision}, median of {first.steps} timed steps after "
         f"{first.warmup_steps} warm-up. Data loading is excluded. {RANDOM_INIT_WARNING} "
@@ -736,7 +583,7 @@ def format_report(report: dict[str, Any], results: Sequence[ModelResult], markdo
                 f"{profile['matmul_flops_per_second'] / 1e9:.1f} GFLOP/s), {shares['attention']:.0%} in attention "
                 f"kernels, {shares['other']:.0%} in other operators.",
                 "",
-                *render_table(header, rows, markdown=markdown),
+                *_render_table(header, rows, markdown=markdown),
             ]
     return "\n".join(lines) + "\n"
 
@@ -798,13 +645,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     machine = describe_machine(device)
     logger.info("Machine: %s", machine)
-    load_at_start = _load_average()
+    load_at_start = load_average()
     if load_at_start > 0.5 * machine["usable_cpus"]:
         logger.warning(
             "Load average %.2f on %d usable CPUs: other processes compete for the cores, so the figures "
             "will be low and noisy.", load_at_start, machine["usable_cpus"],
         )
-    matmul_before = measure_matmul(sizes, device, dtype, min_seconds=args.matmul_seconds)
+    matmul_before = measure_matmul_detailed(sizes, device, dtype, min_seconds=args.matmul_seconds)
     results = []
     for name in args.models:
         logger.info("Measuring %s: batch %d, %d warm-up + %d steps", name, args.batch_size, args.warmup, args.steps)
@@ -823,7 +670,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # Measure the reference again: another process that was busy during one of the two
     # measurements shows up as a spread, and the better one is the machine's throughput.
-    matmul_after = measure_matmul(sizes, device, dtype, min_seconds=args.matmul_seconds)
+    matmul_after = measure_matmul_detailed(sizes, device, dtype, min_seconds=args.matmul_seconds)
     peak = max(matmul_before.flops_per_second, matmul_after.flops_per_second)
     spread = abs(matmul_before.flops_per_second - matmul_after.flops_per_second) / peak
     if spread > 0.2:

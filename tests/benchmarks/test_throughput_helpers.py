@@ -1,6 +1,11 @@
-"""Tests of the throughput benchmark: FLOP counting, MFU arithmetic and a tiny measured run."""
+"""Tests of the throughput benchmark: FLOP counting, MFU arithmetic, its report and a tiny measured run.
+
+The FLOP counter and the matmul reference live in ``fl2ora.perf.measure``, which the script imports.
+"""
 
 import math
+import os
+import platform
 import sys
 from pathlib import Path
 
@@ -12,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 import throughput  # noqa: E402
 from fl2ora.model.backbone import RANDOM_INIT_WARNING  # noqa: E402
+from fl2ora.perf import measure  # noqa: E402
 
 BATCH, IN_FEATURES, OUT_FEATURES = 8, 16, 12
 LINEAR_FLOPS = 2 * BATCH * IN_FEATURES * OUT_FEATURES  # one (B, in) x (in, out) product
@@ -29,7 +35,7 @@ def _linear_and_input(input_grad: bool, weight_grad: bool, bias: bool = True):
 def test_linear_forward_flops(bias):
     layer, x = _linear_and_input(input_grad=False, weight_grad=True, bias=bias)
     with torch.no_grad():
-        flops = throughput.count_flops(lambda: layer(x))
+        flops = measure.count_flops_detailed(lambda: layer(x))
     assert flops.total == LINEAR_FLOPS
 
 
@@ -43,7 +49,7 @@ def test_linear_forward_flops(bias):
 )
 def test_linear_forward_backward_flops(input_grad, weight_grad, backward_flops):
     layer, x = _linear_and_input(input_grad, weight_grad)
-    flops = throughput.count_flops(lambda: layer(x).sum().backward())
+    flops = measure.count_flops_detailed(lambda: layer(x).sum().backward())
     assert flops.total == LINEAR_FLOPS + backward_flops
     assert flops.by_operator["aten.addmm"] == LINEAR_FLOPS
     assert flops.by_operator["aten.mm"] == backward_flops
@@ -55,8 +61,8 @@ def test_cpu_attention_flops_counted():
     one_product = 2 * batch * heads * seq * seq * head_dim  # one (S, d) x (d, S) product per head
 
     with torch.no_grad():
-        forward = throughput.count_flops(lambda: F.scaled_dot_product_attention(q, k, v))
-    both = throughput.count_flops(lambda: F.scaled_dot_product_attention(q, k, v).sum().backward())
+        forward = measure.count_flops_detailed(lambda: F.scaled_dot_product_attention(q, k, v))
+    both = measure.count_flops_detailed(lambda: F.scaled_dot_product_attention(q, k, v).sum().backward())
 
     # Forward: Q K^T and P V. Backward: Q K^T again, then dP, dV, dQ and dK.
     assert forward.total == 2 * one_product
@@ -74,7 +80,7 @@ def test_achieved_flops_and_mfu_arithmetic():
 
 def test_measure_matmul_rate_formula():
     sizes = [32, 64]
-    result = throughput.measure_matmul(sizes, torch.device("cpu"), min_seconds=0.01)
+    result = measure.measure_matmul_detailed(sizes, torch.device("cpu"), min_seconds=0.01)
     for n in sizes:
         entry = result.by_size[n]
         assert entry["seconds"] >= 0.01
@@ -83,6 +89,37 @@ def test_measure_matmul_rate_formula():
     assert result.best_size == best
     assert result.flops_per_second == result.by_size[best]["flops_per_second"]
     assert result.dtype == "float32"
+    assert result.device == "cpu"
+
+
+def test_describe_machine_fields():
+    machine = measure.describe_machine(torch.device("cpu"))
+    assert machine["logical_cpus"] == os.cpu_count()
+    assert 1 <= machine["usable_cpus"] <= os.cpu_count()
+    assert machine["torch_threads"] == torch.get_num_threads()
+    assert machine["torch"] == torch.__version__
+    assert machine["python"] == platform.python_version()
+    assert machine["platform"] == platform.platform()
+    assert "gpu" not in machine
+    if Path("/proc/meminfo").is_file():
+        # glibc's sysconf reads the kernel's total RAM through sysinfo(2), the figure behind MemTotal.
+        assert machine["memory_bytes"] == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def test_report_table_alignment():
+    header, rows = ["model", "img/s"], [["tiny", "968.8"], ["vit-b-32", "6.9"]]
+    assert throughput._render_table(header, rows, markdown=True) == [
+        "| model | img/s |",
+        "|---|---:|",
+        "| tiny | 968.8 |",
+        "| vit-b-32 | 6.9 |",
+    ]
+    assert throughput._render_table(header, rows, markdown=False) == [
+        "model     img/s",
+        "--------  -----",
+        "tiny      968.8",
+        "vit-b-32    6.9",
+    ]
 
 
 def _tiny_eval_flops(batch: int) -> int:
@@ -161,7 +198,7 @@ def test_report_names_random_init(tiny_result):
     report = {
         "date": "2026-12-04T00:00:00+00:00",
         "command": "python benchmarks/throughput.py --models tiny",
-        "machine": throughput.describe_machine(torch.device("cpu")),
+        "machine": measure.describe_machine(torch.device("cpu")),
         "load_average_at_start": 0.0,
         "matmul": {
             "dtype": "float32",
@@ -173,6 +210,7 @@ def test_report_names_random_init(tiny_result):
     markdown = throughput.format_report(report, [tiny_result], markdown=True)
     text = throughput.format_report(report, [tiny_result], markdown=False)
     assert "| tiny |" in markdown
+    assert "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" in markdown
     assert RANDOM_INIT_WARNING in markdown
     assert RANDOM_INIT_WARNING in text
 
@@ -187,10 +225,10 @@ def test_report_names_random_init(tiny_result):
         pytest.param(lambda: throughput.achieved_flops_per_second(10, 0.0), "step_seconds", id="zero time"),
         pytest.param(lambda: throughput.achieved_flops_per_second(10, math.inf), "step_seconds", id="infinite time"),
         pytest.param(lambda: throughput.achieved_flops_per_second(-1, 1.0), "flops_per_step", id="negative FLOPs"),
-        pytest.param(lambda: throughput.measure_matmul([], torch.device("cpu")), "sizes", id="no matmul size"),
-        pytest.param(lambda: throughput.measure_matmul([0], torch.device("cpu")), "sizes", id="zero matmul size"),
+        pytest.param(lambda: measure.measure_matmul_detailed([], torch.device("cpu")), "sizes", id="no matmul size"),
+        pytest.param(lambda: measure.measure_matmul_detailed([0], torch.device("cpu")), "sizes", id="zero matmul size"),
         pytest.param(
-            lambda: throughput.measure_matmul([8], torch.device("cpu"), min_seconds=-1), "min_seconds",
+            lambda: measure.measure_matmul_detailed([8], torch.device("cpu"), min_seconds=-1), "min_seconds",
             id="negative matmul time",
         ),
         pytest.param(lambda: throughput.measure_model("vit-x", 1e9), "Unknown model", id="unknown model"),

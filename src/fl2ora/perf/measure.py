@@ -1,4 +1,5 @@
-"""Measuring tools of the benchmark suite: FLOPs, matmul throughput, peak memory, step times.
+"""Measuring tools of the benchmark suite and ``benchmarks/throughput.py``: FLOPs, matmul
+throughput, peak memory, step times and a description of the machine.
 
 FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode``: matrix multiplies,
 convolutions and attention, one multiply-add counting 2 FLOPs. Element-wise work
@@ -49,19 +50,46 @@ if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
     )
 
 
-def count_flops(fn: Callable[[], object]) -> int:
-    """Run ``fn`` once and return the FLOPs of its matrix multiplies, convolutions and attention.
+@dataclass
+class FlopCount:
+    """FLOPs counted by ``FlopCounterMode`` (one multiply-add counts as 2 FLOPs)."""
 
-    Backward passes run inside ``fn`` are counted too.
+    total: int
+    by_operator: dict[str, int]
+    """Total per ATen operator, such as ``aten.mm``."""
+    by_module: dict[str, int]
+    """Total per module path, such as ``ZeroShotClassifier.clip.text_model``, nested paths included."""
+
+
+def count_flops_detailed(fn: Callable[[], object]) -> FlopCount:
+    """Run ``fn`` once and count the FLOPs of its matrix multiplies, convolutions and attention.
+
+    Returns the total, the total per operator and the total per module. Backward passes run
+    inside ``fn`` are counted too. Element-wise ops are not counted.
+
+    >>> layer = torch.nn.Linear(3, 4)
+    >>> count_flops_detailed(lambda: layer(torch.ones(2, 3))).by_operator  # 2 * batch * in * out
+    {'aten.addmm': 48}
+    """
+    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS)
+    with counter:
+        fn()
+    counts = counter.get_flop_counts()
+    return FlopCount(
+        total=counter.get_total_flops(),
+        by_operator={str(op): flops for op, flops in counts.get("Global", {}).items()},
+        by_module={name: sum(ops.values()) for name, ops in counts.items() if name != "Global"},
+    )
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """Run ``fn`` once and return the total of :func:`count_flops_detailed`.
 
     >>> layer = torch.nn.Linear(3, 4)
     >>> count_flops(lambda: layer(torch.ones(2, 3)))  # 2 * batch * in * out
     48
     """
-    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS)
-    with counter:
-        fn()
-    return counter.get_total_flops()
+    return count_flops_detailed(fn).total
 
 
 def synchronize(device: torch.device) -> None:
@@ -70,16 +98,35 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_matmul(
+@dataclass
+class MatmulResult:
+    """Sustained ``torch.mm`` throughput of square matrices."""
+
+    device: str
+    dtype: str
+    flops_per_second: float
+    """Best rate over the sizes tried."""
+    best_size: int
+    by_size: dict[int, dict[str, float]]
+    """Per size n: ``reps`` products of 2 * n**3 FLOPs in ``seconds``, and ``flops_per_second``."""
+
+    def rates(self) -> dict[str, Any]:
+        """Return the summary of :func:`measure_matmul`: the best rate and size, the rate per size and the dtype."""
+        return {
+            "flops_per_second": self.flops_per_second,
+            "best_size": self.best_size,
+            "by_size": {n: entry["flops_per_second"] for n, entry in self.by_size.items()},
+            "dtype": self.dtype,
+        }
+
+
+def measure_matmul_detailed(
     sizes: Sequence[int], device: torch.device, dtype: torch.dtype = torch.float32, min_seconds: float = 1.0
-) -> dict[str, Any]:
-    """Measure the sustained ``torch.mm`` throughput on n x n matrices for each n in ``sizes``.
+) -> MatmulResult:
+    """Measure the sustained throughput of ``torch.mm`` on n x n matrices, for each n in ``sizes``.
 
-    Each size gets one untimed product, then products for at least ``min_seconds``;
-    its rate is ``2 * n**3 * products / seconds``.
-
-    Returns:
-        ``{"flops_per_second": best rate, "best_size": n, "by_size": {n: rate}, "dtype": name}``.
+    Each size gets one untimed product, then repeats products for at least
+    ``min_seconds``. Its rate is ``2 * n**3 * reps / seconds``, and the best size wins.
 
     Raises:
         ValueError: when ``sizes`` is empty or contains a size < 1, or ``min_seconds`` < 0.
@@ -88,32 +135,54 @@ def measure_matmul(
         raise ValueError(f"sizes must be a non-empty list of positive matrix sizes, got {list(sizes)!r}. Try [2048].")
     if min_seconds < 0:
         raise ValueError(f"min_seconds must be >= 0, got {min_seconds!r}.")
-    chunk = 8 if device.type == "cuda" else 1  # synchronise after a chunk of launches, not after each
-    by_size = {}
+    # CUDA launches are asynchronous: synchronise after a chunk of products, not after each one.
+    chunk = 8 if device.type == "cuda" else 1
+
+    by_size: dict[int, dict[str, float]] = {}
     for n in sizes:
         a = torch.randn(n, n, device=device, dtype=dtype)
         b = torch.randn(n, n, device=device, dtype=dtype)
         out = torch.empty(n, n, device=device, dtype=dtype)
         torch.mm(a, b, out=out)
         synchronize(device)
-        products, start = 0, time.perf_counter()
+
+        reps = 0
+        start = time.perf_counter()
         while True:
             for _ in range(chunk):
                 torch.mm(a, b, out=out)
             synchronize(device)
-            products += chunk
+            reps += chunk
             seconds = time.perf_counter() - start
             if seconds >= min_seconds:
                 break
-        by_size[n] = 2 * n**3 * products / seconds
-        logger.info("matmul %d x %d %s: %.1f GFLOP/s", n, n, dtype, by_size[n] / 1e9)
-    best = max(by_size, key=by_size.get)
-    return {
-        "flops_per_second": by_size[best],
-        "best_size": best,
-        "by_size": by_size,
-        "dtype": str(dtype).removeprefix("torch."),
-    }
+        rate = 2 * n**3 * reps / seconds
+        by_size[n] = {"reps": reps, "seconds": seconds, "flops_per_second": rate}
+        logger.info("matmul %d x %d %s: %d products in %.2f s, %.1f GFLOP/s", n, n, dtype, reps, seconds, rate / 1e9)
+        del a, b, out
+
+    best_size = max(by_size, key=lambda n: by_size[n]["flops_per_second"])
+    return MatmulResult(
+        device=str(device),
+        dtype=str(dtype).removeprefix("torch."),
+        flops_per_second=by_size[best_size]["flops_per_second"],
+        best_size=best_size,
+        by_size=by_size,
+    )
+
+
+def measure_matmul(
+    sizes: Sequence[int], device: torch.device, dtype: torch.dtype = torch.float32, min_seconds: float = 1.0
+) -> dict[str, Any]:
+    """Measure ``torch.mm`` as :func:`measure_matmul_detailed` does and return the summary.
+
+    Returns:
+        ``{"flops_per_second": best rate, "best_size": n, "by_size": {n: rate}, "dtype": name}``.
+
+    Raises:
+        ValueError: when ``sizes`` is empty or contains a size < 1, or ``min_seconds`` < 0.
+    """
+    return measure_matmul_detailed(sizes, device, dtype, min_seconds).rates()
 
 
 def current_rss_bytes() -> int:
@@ -256,7 +325,10 @@ def load_average() -> float:
 
 
 def describe_machine(device: torch.device) -> dict[str, Any]:
-    """Return the CPU model, core counts, memory, torch version and thread count (and the GPU on CUDA)."""
+    """Return the CPU model, core counts, memory, torch and Python versions, thread count and platform.
+
+    On CUDA it also returns the GPU's name. ``memory_bytes`` is None where ``/proc/meminfo`` is missing.
+    """
     cpu_model = platform.processor() or "unknown"
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
@@ -279,6 +351,7 @@ def describe_machine(device: torch.device) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
+        "platform": platform.platform(),
     }
     if device.type == "cuda":
         machine["gpu"] = torch.cuda.get_device_name(device)
