@@ -38,8 +38,8 @@ from fl2ora.runtime.flower.messages import state_to_array_record
 from fl2ora.runtime.flower.nodes import PartitionDirectory
 from fl2ora.runtime.flower.strategies import make_strategy
 from fl2ora.runtime.outputs import write_final_outputs
-# The simulation's evaluation and score logging, so both runtimes score and report alike.
-from fl2ora.runtime.simulation import _evaluate, _log_scores, make_algorithm
+from fl2ora.runtime.scoring import evaluate_global_model, log_round_scores
+from fl2ora.runtime.simulation import make_algorithm
 
 logger = logging.getLogger(__name__)
 
@@ -132,9 +132,9 @@ def run_federation(grid: Grid, config: RunConfig, settings: FlowerRunSettings) -
         probs: np.ndarray | None = None
         if not global_state:
             logger.warning("Method %s has no trainable parameters: evaluating once, without training", config.method)
-            scores, probs = _evaluate(experiment, global_state)
+            scores, probs = evaluate_global_model(experiment, global_state)
             record = {"round": 0, "clients_trained": [], **scores}
-            _log_scores(0, scores["mean"])
+            log_round_scores(0, scores["mean"])
             history.append(record)
             run_dir.append_metrics(record)
             return write_final_outputs(
@@ -161,11 +161,11 @@ def run_federation(grid: Grid, config: RunConfig, settings: FlowerRunSettings) -
             result = None
             if server_round % config.eval.every == 0 or server_round == total_rounds:
                 eval_started = time.perf_counter()
-                scores, probs = _evaluate(experiment, strategy.global_state)
+                scores, probs = evaluate_global_model(experiment, strategy.global_state)
                 record.update(scores)
                 timings["seconds_eval"] = time.perf_counter() - eval_started
                 history.append(record)
-                _log_scores(server_round, scores["mean"])
+                log_round_scores(server_round, scores["mean"])
                 result = MetricRecord({name: float(value) for name, value in scores["mean"].items()})
             timings["seconds_round"] = time.perf_counter() - strategy.round_started[server_round]
             if config.eval.calibration == "reference" and "mean" in record:
