@@ -126,8 +126,9 @@ class DataConfig:
     num_workers: int = 0
     """DataLoader worker processes."""
     bad_images: Literal["error", "skip"] = "error"
-    """What to do with image files that cannot be decoded (checked before the first
-    round): stop with an error naming them, or leave them out and log their count."""
+    """What to do with image files that cannot be decoded, including images larger than
+    Pillow's ``PIL.Image.MAX_IMAGE_PIXELS`` (checked before the first round, every split
+    at once): stop with an error naming them, or leave them out and log their count."""
 
     def __post_init__(self) -> None:
         for key in ("max_train_per_class", "max_test_per_class"):
@@ -372,8 +373,26 @@ class PerfConfig:
     image_cache_mb: int = 2048
     """Memory budget of ``decoded_image_cache`` in MiB; images past it are read from
     their source on every access."""
+    batched_clients: int = 1
+    """Clients of a round trained together in one forward and backward pass over the
+    shared frozen backbone, each with its own LoRA tensors, data order, dropout masks
+    and SGD state; 1 trains them one after another. Applies to ``fl2ora`` (LoRA) in
+    the in-process simulation. Other methods, and a backbone with dropout outside the
+    LoRA inputs (attention dropout), train one after another, and a warning gives the
+    reason. The Flower runtime runs one client per SuperNode, so it never batches.
+    Results change by float rounding only."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.batched_clients, bool) or not isinstance(self.batched_clients, int):
+            raise ConfigError(
+                f"perf.batched_clients must be an integer, got {self.batched_clients!r} "
+                f"({type(self.batched_clients).__name__}). Use 1 to train clients one after another."
+            )
+        if self.batched_clients < 1:
+            raise ConfigError(
+                f"perf.batched_clients must be >= 1, got {self.batched_clients!r}. "
+                "Use 1 to train clients one after another, or the number of clients to train together."
+            )
         if self.image_cache_mb < 0:
             raise ConfigError(
                 f"perf.image_cache_mb must be >= 0, got {self.image_cache_mb!r}. "

@@ -13,7 +13,15 @@ from fl2ora.cli import main as cli_main
 from fl2ora.perf import measure
 from fl2ora.perf.options import add_bench_arguments
 from fl2ora.perf.report import evaluate_targets, format_report
-from fl2ora.perf.suite import split_round
+from fl2ora.perf.suite import (
+    BATCHED_CLIENTS_CASE,
+    SPEEDUP_CASES,
+    DataSource,
+    make_config,
+    measure_pair,
+    split_round,
+    write_generated_images,
+)
 
 CPU = torch.device("cpu")
 BATCH, IN_FEATURES, OUT_FEATURES = 8, 16, 12
@@ -42,6 +50,21 @@ def test_matmul_rate_positive():
     assert result["flops_per_second"] == max(result["by_size"].values()) > 0
     assert result["best_size"] in (32, 64)
     assert result["dtype"] == "float32"
+
+
+def test_matmul_summary_of_detailed_result():
+    detailed = measure.MatmulResult(
+        device="cpu",
+        dtype="float32",
+        flops_per_second=3e6,
+        best_size=64,
+        by_size={
+            32: {"reps": 4, "seconds": 0.5, "flops_per_second": 1e6},
+            64: {"reps": 2, "seconds": 0.25, "flops_per_second": 3e6},
+        },
+    )
+    assert detailed.rates() == {"flops_per_second": 3e6, "best_size": 64, "by_size": {32: 1e6, 64: 3e6},
+                                "dtype": "float32"}
 
 
 @pytest.mark.parametrize(
@@ -94,6 +117,11 @@ def synthetic_report(mfu=0.62, other_share=0.02, coop_speedup=14.0, equal=True, 
             "on": [split, split], "off": [split, split], "speedup_steady_round": coop_speedup,
             "speedup_all_rounds": coop_speedup, "equal_within_tolerance": equal,
             "max_abs_difference": {"state": 0.0, "probabilities": 1e-7, "metrics": 0.0}, "tolerance": {}}
+    batched_on = {**split, "train": 5.0, "total": 7.0}
+    batched = {"switch": "batched_clients", "method": "fl2ora", "overrides": [], "reason": "r", "model": "vit-b-32",
+               "protocol": False, "on": [batched_on, batched_on], "off": [split, split],
+               "speedup_steady_round": 10.0 / 7.0, "speedup_all_rounds": 10.0 / 7.0, "equal_within_tolerance": True,
+               "max_abs_difference": {"state": 2e-7, "probabilities": 1e-7, "metrics": 0.0}, "tolerance": {}}
     step = {"model": "vit-b-32", "method": "fl2ora", "batch_size": 16, "trainable_parameters": 10,
             "train_images_per_second": 5.0, "eval_images_per_second": 20.0, "train_flops_per_step": 3e11,
             "train_mfu": mfu, "eval_mfu": 0.7, "peak_memory_bytes": 2**30, "peak_memory_kind": "rss",
@@ -111,7 +139,7 @@ def synthetic_report(mfu=0.62, other_share=0.02, coop_speedup=14.0, equal=True, 
         "steps": [step],
         "rounds": [{"model": "tiny", "method": "coop", "splits": [split, split], "train_images_per_round": 32,
                     "eval_images_per_round": 8, "peak_memory_bytes": 2**30, "peak_memory_kind": "rss"}],
-        "speedups": {"model": "vit-b-32", "cases": [case], "autocast": "not measured",
+        "speedups": {"model": "vit-b-32", "cases": [case, batched], "autocast": "not measured",
                      "loader": {"images": 64, "size": 224, "uncached_images_per_second": 400.0,
                                 "filling_images_per_second": 390.0, "cached_images_per_second": 2000.0},
                      "batched_clients": [{"model": "vit-b-32", "clients": 4, "batch_size": 16, "images_per_second": 5.0,
@@ -165,6 +193,44 @@ def test_report_renders_every_section(markdown):
                      "Targets:", "random weights."):
         assert fragment in text
     assert ("| target | figure | status | cause of a miss |" in text) is markdown
+
+
+def test_report_batched_clients_line():
+    report = synthetic_report()
+    report["targets"] = evaluate_targets(report)
+    text = format_report(report)
+    # Bound: 5.1 / 5.0 img/s; the switch: 8.0 s of training off, 5.0 s on.
+    assert "can speed up training by at most 1.02x here" in text
+    assert "the switch itself trained the steady round 1.60x as fast (8.000 s off, 5.000 s on, vit-b-32)." in text
+    assert "not implemented" not in text
+    batched_row = next(line for line in text.splitlines() if line.startswith("batched_clients"))
+    assert "1.4x" in batched_row  # steady round 10.0 s off / 7.0 s on
+    assert batched_row.rstrip().endswith("yes")
+
+
+def test_speedup_case_overrides():
+    assert BATCHED_CLIENTS_CASE.on_overrides() == ("perf.batched_clients=2",)
+    assert BATCHED_CLIENTS_CASE.off_overrides() == ("perf.batched_clients=1",)
+    coop = next(c for c in SPEEDUP_CASES if c.switch == "image_feature_cache")
+    assert coop.on_overrides() == ("data.augment=false",)
+    assert coop.off_overrides() == ("data.augment=false", "perf.image_feature_cache=false")
+    # The int switch stays out of the cases that other code turns off with "=false".
+    assert all(case.switch != "batched_clients" for case in SPEEDUP_CASES)
+
+
+def test_batched_clients_case_equal_results(tmp_path):
+    images = write_generated_images(tmp_path / "images", train_per_class=4, test_per_class=2)
+
+    def config(overrides):
+        return make_config("tiny", "fl2ora", images, CPU, "fp32", clients=2, train_per_client=12,
+                           test_per_client=4, rounds=2, batch_size=8, overrides=("train.lr=0.05", *overrides))
+
+    on, off = config(BATCHED_CLIENTS_CASE.on_overrides()), config(BATCHED_CLIENTS_CASE.off_overrides())
+    assert (on.perf.batched_clients, off.perf.batched_clients) == (2, 1)
+    pair = measure_pair(on, off, tmp_path / "runs")
+    assert pair["equal_within_tolerance"], pair["max_abs_difference"]
+    assert pair["max_abs_difference"]["state"] <= 1e-5
+    assert len(pair["on"]) == len(pair["off"]) == 2
 
 
 def parse(argv):

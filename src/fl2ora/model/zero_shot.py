@@ -113,13 +113,19 @@ class ZeroShotClassifier(nn.Module):
         self._text_cache = None
         self._trainable_text_cache.clear()
 
-    def encode_text(self) -> torch.Tensor:
-        """Return the L2-normalised class text features, ``(C, D)``."""
+    def encode_text(self, repeats: int = 1) -> torch.Tensor:
+        """Return the L2-normalised class text features, ``(repeats * C, D)``.
+
+        With ``repeats`` > 1 the text encoder runs on the prompts repeated that many
+        times, in one pass (batched clients: one copy per client's adapter).
+        """
         input_ids, attention_mask = self.input_ids, self.attention_mask
         if self.trim_text_padding and not (self.training and text_dropout_active(self.clip)):
             input_ids, attention_mask = input_ids[:, : self._prompt_length], attention_mask[:, : self._prompt_length]
+        if repeats != 1:
+            input_ids, attention_mask = input_ids.repeat(repeats, 1), attention_mask.repeat(repeats, 1)
         output = self.clip.text_model(input_ids=input_ids, attention_mask=attention_mask)
-        features = self.clip.text_projection(output.pooler_output)  # (C, D)
+        features = self.clip.text_projection(output.pooler_output)  # (repeats * C, D)
         return F.normalize(features, dim=-1)
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -142,7 +148,11 @@ class ZeroShotClassifier(nn.Module):
 
     def classify_features(self, image: torch.Tensor) -> torch.Tensor:
         """Return class logits ``(N, C)`` for L2-normalised image features ``image: (N, D)``."""
-        text = self.class_text_features().to(image.dtype)  # (C, D)
+        return self.cosine_logits(image, self.class_text_features())
+
+    def cosine_logits(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Return ``exp(logit_scale) / tau * image @ text.T``, ``(N, C)``, for normalised ``(N, D)`` and ``(C, D)``."""
+        text = text.to(image.dtype)
         scale = self.clip.logit_scale.exp() / self.tau
         return scale * image @ text.t()
 

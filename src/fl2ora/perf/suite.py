@@ -10,8 +10,9 @@ Sections, each timed in the same process against the same matmul reference:
   everything else (checkpoint, records, sampling).
 - ``speedups``: each ``perf`` switch on and off on the same configuration, with the
   round times and the largest differences of trained tensors, probabilities and
-  metrics, checked against :data:`TOLERANCE`. Also bf16 autocast (CUDA only) and
-  the measured upper bound of training several clients in one batch.
+  metrics, checked against :data:`TOLERANCE`. Also ``perf.batched_clients`` on and
+  off with its upper bound (one adapter on the joined batch), and bf16 autocast
+  (CUDA only).
 - ``scale``: the 100-client protocol in one process: memory with one backbone,
   and a round with 10 sampled clients split as above.
 
@@ -71,7 +72,7 @@ AUTOCAST_TOLERANCE = {"state": 1e-2, "probabilities": 5e-2, "metrics": 5e-2}
 """The same for bf16 autocast against fp32, whose matmuls round to 8 mantissa bits."""
 SWITCHES = ("text_feature_cache", "trim_text_padding", "image_feature_cache", "decoded_image_cache")
 BATCHED_CLIENTS = 2
-"""Clients whose batches the batched-clients bound concatenates."""
+"""Clients per pass in the ``perf.batched_clients`` case and its bound."""
 LOADER_IMAGES = 64
 LOADER_SIZE = 224
 """Images and pixel size of the data-loading measurement: ViT-B's input size."""
@@ -91,6 +92,19 @@ class SpeedupCase:
     protocol: bool = False
     """Run on ``--protocol-model`` with the CIFAR protocol's batch and test share (see
     :data:`PROTOCOL_ROUND`) instead of the speed-up section's small rounds."""
+    on: tuple[str, ...] = ()
+    """Overrides that turn the switch on; empty for a switch that is on by default."""
+    off: tuple[str, ...] | None = None
+    """Overrides that turn the switch off; None means ``perf.<switch>=false``."""
+
+    def on_overrides(self) -> tuple[str, ...]:
+        """Return the overrides of the run with the switch on."""
+        return (*self.overrides, *self.on)
+
+    def off_overrides(self) -> tuple[str, ...]:
+        """Return the overrides of the run with the switch off."""
+        off = self.off if self.off is not None else (f"perf.{self.switch}=false",)
+        return (*self.overrides, *off)
 
 
 PROTOCOL_ROUND = {"clients": 1, "train_per_client": 30, "test_per_client": 60, "batch_size": 32}
@@ -113,6 +127,14 @@ SPEEDUP_CASES = (
     SpeedupCase("image_feature_cache", "coop", ("data.augment=false",),
                 "the same, in a round shaped like the CIFAR protocol's", protocol=True),
 )
+
+BATCHED_CLIENTS_CASE = SpeedupCase(
+    "batched_clients", "fl2ora", (),
+    f"{BATCHED_CLIENTS} clients' LoRA steps share one pass over the frozen backbone (larger matmuls)",
+    on=(f"perf.batched_clients={BATCHED_CLIENTS}",), off=("perf.batched_clients=1",),
+)
+"""Measured with the speed-up cases. It is kept out of :data:`SPEEDUP_CASES`, whose users
+turn every switch off with ``perf.<switch>=false``: this switch is an int and off by default."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -289,10 +311,10 @@ def batched_clients_bound(
 ) -> dict[str, Any]:
     """Measure FL²oRA training at ``batch_size`` and at ``clients * batch_size`` images per step.
 
-    Training K clients' adapters in one pass runs the frozen backbone on K batches
-    at once. It cannot beat one adapter on a K-times larger batch, which needs the
-    same FLOPs and no per-client gathering. The ratio of the two throughputs is the
-    most that batched clients could gain here.
+    Training K clients' adapters in one pass (``perf.batched_clients``) runs the
+    frozen backbone on K batches at once. It cannot beat one adapter on a K-times
+    larger batch, which needs the same image FLOPs and no per-client segments. The
+    ratio of the two throughputs is the most that batched clients could gain here.
     """
     single = measure_steps(model_name, "fl2ora", batch_size, steps, warmup, device, precision, peak_flops)
     measure.release_memory()
@@ -602,12 +624,12 @@ def _speedup_section(
                            train_per_client=batch[model], test_per_client=args.round_test_images,
                            rounds=args.rounds, overrides=overrides)
 
-    for index, case in enumerate(SPEEDUP_CASES):
+    for index, case in enumerate((*SPEEDUP_CASES, BATCHED_CLIENTS_CASE)):
         case_model = args.protocol_model if case.protocol else model
         logger.info("Speed-ups section: %s on and off (%s on %s, RSS %.0f MiB)", case.switch, case.method,
                     case_model, measure.current_rss_bytes() / 2**20)
-        on = config_for(case.method, case.overrides, protocol=case.protocol)
-        off = config_for(case.method, (*case.overrides, f"perf.{case.switch}=false"), protocol=case.protocol)
+        on = config_for(case.method, case.on_overrides(), protocol=case.protocol)
+        off = config_for(case.method, case.off_overrides(), protocol=case.protocol)
         pair = measure_pair(on, off, workdir / "speedups" / f"{index}-{case.switch}")
         section["cases"].append({"switch": case.switch, "method": case.method, "overrides": list(case.overrides),
                                  "reason": case.reason, "model": case_model, "protocol": case.protocol, **pair})

@@ -1,4 +1,4 @@
-"""In-process simulation: every client trained one after another on one backbone copy."""
+"""In-process simulation: every client trained on one backbone copy, one after another or in groups."""
 
 from __future__ import annotations
 
@@ -9,76 +9,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
-from fl2ora.evaluation.calibration import classification_metrics
-from fl2ora.evaluation.evaluate import evaluate_clients, predict_probabilities
 from fl2ora.experiment import Experiment
 from fl2ora.federated.algorithm import FederatedAlgorithm
-from fl2ora.federated.client import client_update
+from fl2ora.federated.batched import ClientTask, batched_group_size, train_client_group
 from fl2ora.federated.sampling import client_seed, sample_clients
-from fl2ora.model.trainable import load_trainable_state_dict, state_nbytes, trainable_state_dict
+from fl2ora.model.trainable import state_nbytes, trainable_state_dict
 from fl2ora.config import config_to_dict
 from fl2ora.rundir import RunDirectory
 from fl2ora.runtime.checkpoint import Checkpoint, check_tensors_match, save_checkpoint
 from fl2ora.runtime.faults import fault_point, set_round
 from fl2ora.runtime.outputs import write_final_outputs
+from fl2ora.runtime.scoring import evaluate_global_model, log_round_scores
 
 logger = logging.getLogger(__name__)
-
-
-def _evaluate(experiment: Experiment, global_state: dict) -> tuple[dict, np.ndarray]:
-    """Load the global state into the model and score every client's test split.
-
-    Also scores, when the setting has them, each domain's clients together, the
-    held-out domain as a whole, and the new classes of base-to-new against their names.
-    """
-    config = experiment.config
-    splits = experiment.splits
-    load_trainable_state_dict(experiment.model, global_state)
-    batch, device, precision = config.eval.batch_size, experiment.device, config.model.precision
-    probs = predict_probabilities(experiment.model, experiment.eval_dataset, batch, device, precision)
-    scores = evaluate_clients(
-        probs,
-        experiment.eval_labels,
-        experiment.client_eval_rows,
-        config.eval.n_bins,
-        config.eval.calibration,
-        client_classes=splits.client_classes,
-        groups=splits.groups or None,
-    )
-    if experiment.heldout:
-        scores["heldout"] = {}
-        for name, dataset in experiment.heldout.items():
-            heldout_probs = predict_probabilities(experiment.model, dataset, batch, device, precision)
-            scores["heldout"][name] = classification_metrics(
-                torch.as_tensor(heldout_probs), torch.as_tensor(dataset.labels), config.eval.n_bins, config.eval.calibration
-            )
-    if experiment.new_model is not None:
-        load_trainable_state_dict(experiment.new_model, global_state)
-        new_probs = predict_probabilities(experiment.new_model, experiment.new_eval_dataset, batch, device, precision)
-        new = classification_metrics(
-            torch.as_tensor(new_probs), torch.as_tensor(experiment.new_eval_dataset.labels), config.eval.n_bins,
-            config.eval.calibration,
-        )
-        base = scores["pooled"]
-        scores["base_to_new"] = {
-            "local": scores["mean"],
-            "base": base,
-            "new": new,
-            "harmonic_mean_accuracy": harmonic_mean(base["accuracy"], new["accuracy"]),
-        }
-    return scores, probs
-
-
-def harmonic_mean(first: float, second: float) -> float:
-    """Return 2ab / (a + b), and 0 when both are 0.
-
-    >>> round(harmonic_mean(0.8, 0.6), 4)
-    0.6857
-    """
-    return 0.0 if first + second == 0 else 2 * first * second / (first + second)
 
 
 @dataclass
@@ -152,33 +97,40 @@ def run_round(
     )
     logger.info("Round %d: training clients %s", round_index, sampled)
 
-    # Local training: each client starts from the same global state.
+    # Local training: each client starts from the same global state. With perf.batched_clients = G > 1,
+    # LoRA methods train G clients at a time in one pass over the backbone, with the same per-client results.
     updates = []
     client_states = dict(state.client_states)  # committed to ``state`` only when the round completes
-    for client_id in tqdm(sampled, desc=f"round {round_index} clients", unit="client", leave=False, disable=None):
-        if interrupt is not None and interrupt.requested:
-            raise RunInterrupted(round_index)
-        client_state = client_states.get(client_id)
-        if client_state is None:
-            client_state = algorithm.init_client_state(state.global_state)
-        update = client_update(
-            experiment.model,
-            state.global_state,
-            experiment.client_train[client_id],
-            config.train,
-            client_id=client_id,
-            seed=client_seed(config.seed, round_index, client_id),
-            device=experiment.device,
-            precision=config.model.precision,
-            loss_config=config.loss,
-            penalty=algorithm.client_penalty(state.global_state, client_state, experiment.device),
-        )
-        if update.finite:
-            updates.append(update)
-            new_client_state = algorithm.update_client_state(client_state, update, state.global_state)
-            if new_client_state is not None:
-                client_states[client_id] = new_client_state
-        fault_point("train")
+    group_size = batched_group_size(experiment.model, config.perf.batched_clients)
+    progress = tqdm(total=len(sampled), desc=f"round {round_index} clients", unit="client", leave=False, disable=None)
+    with progress:
+        for start in range(0, len(sampled), group_size):
+            if interrupt is not None and interrupt.requested:
+                raise RunInterrupted(round_index)
+            tasks, group_states = [], []
+            for client_id in sampled[start : start + group_size]:
+                client_state = client_states.get(client_id)
+                if client_state is None:
+                    client_state = algorithm.init_client_state(state.global_state)
+                group_states.append(client_state)
+                tasks.append(ClientTask(
+                    client_id=client_id,
+                    dataset=experiment.client_train[client_id],
+                    seed=client_seed(config.seed, round_index, client_id),
+                    penalty=algorithm.client_penalty(state.global_state, client_state, experiment.device),
+                ))
+            group_updates = train_client_group(
+                experiment.model, state.global_state, tasks, config.train, experiment.device,
+                precision=config.model.precision, loss_config=config.loss,
+            )
+            for update, client_state in zip(group_updates, group_states):
+                if update.finite:
+                    updates.append(update)
+                    new_client_state = algorithm.update_client_state(client_state, update, state.global_state)
+                    if new_client_state is not None:
+                        client_states[update.client_id] = new_client_state
+                fault_point("train")
+            progress.update(len(tasks))
     train_seconds = time.perf_counter() - round_start
     if interrupt is not None and interrupt.requested:
         raise RunInterrupted(round_index)
@@ -208,13 +160,6 @@ def run_round(
         "seconds_train": train_seconds,
         "seconds_aggregate": aggregate_seconds,
     }
-
-
-def _log_scores(round_index: int, mean: dict[str, float]) -> None:
-    logger.info(
-        "Round %d: client-mean accuracy %.2f%%, ECE %.2f%%, MCE %.2f%%, ACE %.2f%%",
-        round_index, 100 * mean["accuracy"], 100 * mean["ece"], 100 * mean["mce"], 100 * mean["ace"],
-    )
 
 
 def _initial_state(experiment: Experiment, algorithm: FederatedAlgorithm, resume: Checkpoint | None) -> SimulationState:
@@ -306,9 +251,9 @@ def run_simulation(
     total_rounds = config.federated.rounds if state.global_state else 0
     if not state.global_state:
         logger.warning("Method %s has no trainable parameters: evaluating once, without training", config.method)
-        scores, probs = _evaluate(experiment, state.global_state)
+        scores, probs = evaluate_global_model(experiment, state.global_state)
         record = {"round": 0, "clients_trained": [], **scores}
-        _log_scores(0, scores["mean"])
+        log_round_scores(0, scores["mean"])
         state.history = [record]
         run_dir.truncate_records(-1)
         run_dir.append_metrics(record)
@@ -322,11 +267,11 @@ def run_simulation(
                    "seconds_aggregate": record.pop("seconds_aggregate")}
         if round_index % config.eval.every == 0 or round_index == total_rounds:
             eval_start = time.perf_counter()
-            scores, probs = _evaluate(experiment, state.global_state)
+            scores, probs = evaluate_global_model(experiment, state.global_state)
             record.update(scores)
             timings["seconds_eval"] = time.perf_counter() - eval_start
             state.history.append(record)
-            _log_scores(round_index, scores["mean"])
+            log_round_scores(round_index, scores["mean"])
             rounds.set_postfix(acc=f"{100 * scores['mean']['accuracy']:.1f}%", ece=f"{100 * scores['mean']['ece']:.1f}%")
         timings["seconds_round"] = time.perf_counter() - round_start
         if config.eval.calibration == "reference" and "mean" in record:
@@ -341,7 +286,7 @@ def run_simulation(
 
     if probs is None:
         # Resumed after the last round's checkpoint: score the final model again.
-        _, probs = _evaluate(experiment, state.global_state)
+        _, probs = evaluate_global_model(experiment, state.global_state)
     return write_final_outputs(
         experiment,
         run_dir,
