@@ -157,6 +157,28 @@ def _cell(values: list[float]) -> str:
     return f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
+OVERALL_HELD_OUT_LABEL = "mean over held-out domains"
+"""Held-out domain cell of the domain-generalisation row that averages a method's held-out domains."""
+
+
+def _held_out_overall_rows(per_domain: dict[tuple[str, str], list[list[float]]]) -> list[list[str]]:
+    """Build one row per (dataset, method): the mean over its held-out domains of each metric.
+
+    Args:
+        per_domain: (dataset, method) -> one list per held-out domain of its metrics'
+            means over the last rounds, in :data:`METRICS` order.
+
+    Returns:
+        Rows whose metric cells are the mean ± standard deviation (ddof 0) across the
+        held-out domains, in percent.
+    """
+    rows = []
+    for (dataset, method), domain_means in per_domain.items():
+        by_metric = np.asarray(domain_means, dtype=np.float64).T  # (metrics, domains)
+        rows.append([dataset, METHOD_PRESETS[method], OVERALL_HELD_OUT_LABEL, *[_cell(list(v)) for v in by_metric]])
+    return rows
+
+
 def tabulate(setting: str, runs: list[ReproduceRun], last: int = 5) -> tuple[list[str], list[list[str]]]:
     """Build the study-layout table of finished runs: a header and rows of strings."""
     rows: list[list[str]] = []
@@ -185,6 +207,7 @@ def tabulate(setting: str, runs: list[ReproduceRun], last: int = 5) -> tuple[lis
     if setting == "domain_generalization":
         header.append("held-out domain")
     header += [title for _, title in METRICS]
+    per_domain: dict[tuple[str, str], list[list[float]]] = {}
     for run in runs:
         records = _last_records(run.path, last)
         if setting == "domain_skew":
@@ -197,9 +220,17 @@ def tabulate(setting: str, runs: list[ReproduceRun], last: int = 5) -> tuple[lis
             domain = run.held_out_domain
             cells = [_cell([r["heldout"][domain][key] for r in records]) for key, _ in METRICS]
             rows.append([run.dataset, METHOD_PRESETS[run.method], domain, *cells])
+            per_domain.setdefault((run.dataset, run.method), []).append(
+                [_stats([r["heldout"][domain][key] for r in records])[0] for key, _ in METRICS]
+            )
         else:
             cells = [_cell([r["mean"][key] for r in records]) for key, _ in METRICS]
             rows.append([run.dataset, METHOD_PRESETS[run.method], *cells])
+    # Runs are planned dataset by dataset and method by method, so each overall row
+    # goes right after that method's held-out domain rows.
+    for overall in _held_out_overall_rows(per_domain):
+        last_index = max(i for i, row in enumerate(rows) if row[:2] == overall[:2])
+        rows.insert(last_index + 1, overall)
     return header, rows
 
 
@@ -245,6 +276,10 @@ def run_reproduction(
     ]
     if setting == "domain_generalization":
         notes.append("Held-out rows: all predictions on the unseen domain pooled.")
+        notes.append(
+            f"Rows '{OVERALL_HELD_OUT_LABEL}': the mean ± std across held-out domains of each domain's "
+            "mean over the last rounds (an average of the rows above it, not pooled predictions)."
+        )
     if any(run.values.get("setting", {}).get("pacs_test_split") == "test_kfold" for run in runs):
         notes.append(
             "WARNING: PACS in-domain tests use test_kfold, which contains every training image "
