@@ -1,6 +1,7 @@
 """The ``fl2ora`` command end to end."""
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -118,6 +119,7 @@ OUTPUT_COMMANDS = {
     "sweep": ["sweep", str(REPO / "configs" / "quickstart.yaml"), "--grid", "seed=0,1"],
     "reproduce": ["reproduce", "in_distribution"],
     "compare": ["compare", "some-run"],
+    "flower": ["flower", str(REPO / "configs" / "quickstart.yaml")],
 }
 
 
@@ -139,6 +141,24 @@ def test_output_file_rejected(command, below, tmp_path, capsys):
         assert "is an existing file, not a folder" in error
     assert "Give the path of a folder" in error
     assert existing.read_text() == "keep me\n"
+
+
+def test_flower_warns_batched_clients_ignored(tmp_path, monkeypatch, caplog):
+    import fl2ora.runtime.flower.deploy as deploy
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(deploy, "run_local_deployment", stop)
+    args = ["flower", str(REPO / "configs" / "quickstart.yaml"), "--set", "perf.batched_clients=3"]
+    with caplog.at_level(logging.WARNING):
+        code = main([*args, "--output", str(tmp_path / "run"), "--quiet"])
+    assert code == 130
+    warnings = [r.getMessage() for r in caplog.records if r.name == "fl2ora.runtime.flower.command"]
+    assert warnings == [
+        "perf.batched_clients=3 has no effect under Flower: each SuperNode trains its own client. "
+        "It applies to `fl2ora run` only."
+    ]
 
 
 def test_sweep_rejects_duplicate_grid_value(tmp_path, capsys):

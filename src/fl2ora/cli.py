@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fl2ora.config import ConfigError, config_to_dict, load_config
+from fl2ora.rundir import reject_output_file
 
 logger = logging.getLogger("fl2ora")
 
@@ -117,25 +118,6 @@ def _configure_logging(quiet: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _reject_output_file(path: Path) -> None:
-    """Reject an --output folder path that is an existing file or lies below one, before any work starts.
-
-    Raises:
-        ConfigError: naming the path and the file in the way.
-    """
-    for candidate in (path, *path.parents):
-        # exists() is False for a path below a file, so the loop reaches the file itself.
-        if not candidate.exists():
-            continue
-        if candidate.is_dir():
-            return
-        where = "is" if candidate == path else f"lies below {str(candidate)!r}, which is"
-        raise ConfigError(
-            f"--output {str(path)!r} {where} an existing file, not a folder. "
-            "Give the path of a folder (it is created when missing)."
-        )
-
-
 @contextlib.contextmanager
 def _interrupt_on_sigint() -> Iterator[Any]:
     """Turn the first Ctrl-C into a request to stop at the next safe point; a second one stops at once."""
@@ -172,7 +154,7 @@ def _command_run(args: argparse.Namespace) -> int:
     else:
         config = load_config(args.config, args.overrides)
         output = Path(args.output) if args.output else Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        _reject_output_file(output)
+        reject_output_file(output)
     _configure_logging(args.quiet)
     try:
         with _interrupt_on_sigint() as flag:
@@ -247,7 +229,7 @@ def _command_sweep(args: argparse.Namespace) -> int:
     base = config_to_dict(load_config(args.config, args.overrides))
     grid = parse_grid(args.grid)
     output = Path(args.output) if args.output else Path("runs") / f"sweep-{base['name']}"
-    _reject_output_file(output)
+    reject_output_file(output)
     _configure_logging(args.quiet)
     failure = None
     try:
@@ -280,7 +262,7 @@ def _command_reproduce(args: argparse.Namespace) -> int:
             raise ConfigError(f"--data-root {item!r} must have the form DATASET=PATH, e.g. pacs=data/pacs.")
         roots[name] = path
     output = Path(args.output) if args.output else Path("runs") / f"reproduce-{args.setting}"
-    _reject_output_file(output)
+    reject_output_file(output)
     _configure_logging(args.quiet)
     try:
         table = run_reproduction(
@@ -308,7 +290,7 @@ def _command_compare(args: argparse.Namespace) -> int:
     from fl2ora.compare import read_run, write_comparison
 
     output = Path(args.output)
-    _reject_output_file(output)
+    reject_output_file(output)
     records = [read_run(path) for path in args.runs]
     write_comparison(records, output)
     print((output / "comparison.md").read_text())

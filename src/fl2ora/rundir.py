@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from fl2ora.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yaml"
@@ -164,3 +166,22 @@ def read_metrics(path: str | Path) -> list[dict]:
     """Read every record of a run's ``metrics.jsonl``."""
     lines = Path(path, METRICS_FILE).read_text().splitlines()
     return [json.loads(line) for line in lines if line.strip()]
+
+
+def reject_output_file(path: Path) -> None:
+    """Reject an --output folder path that is an existing file or lies below one, before any work starts.
+
+    Raises:
+        ConfigError: naming the path and the file in the way.
+    """
+    for candidate in (path, *path.parents):
+        # exists() is False for a path below a file, so the loop reaches the file itself.
+        if not candidate.exists():
+            continue
+        if candidate.is_dir():
+            return
+        where = "is" if candidate == path else f"lies below {str(candidate)!r}, which is"
+        raise ConfigError(
+            f"--output {str(path)!r} {where} an existing file, not a folder. "
+            "Give the path of a folder (it is created when missing)."
+        )

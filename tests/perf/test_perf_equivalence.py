@@ -13,7 +13,16 @@ import numpy as np
 import pytest
 import torch
 
-from fl2ora.perf.suite import SPEEDUP_CASES, SWITCHES, TOLERANCE, DataSource, make_config, measure_pair, run_rounds
+from fl2ora.perf.suite import (
+    BATCHED_CLIENTS_CASE,
+    SPEEDUP_CASES,
+    SWITCHES,
+    TOLERANCE,
+    DataSource,
+    make_config,
+    measure_pair,
+    run_rounds,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -27,10 +36,12 @@ def config(archive, method, overrides=()):
                        rounds=2, batch_size=8, overrides=("train.lr=0.05", *overrides))
 
 
-@pytest.mark.parametrize("case", SPEEDUP_CASES, ids=lambda c: f"{c.switch}-{c.method}-{'-'.join(c.overrides)}")
+@pytest.mark.parametrize(
+    "case", (*SPEEDUP_CASES, BATCHED_CLIENTS_CASE), ids=lambda c: f"{c.switch}-{c.method}-{'-'.join(c.overrides)}"
+)
 def test_switch_leaves_results_unchanged(case, cifar10_archive, tmp_path):
-    on = config(cifar10_archive, case.method, case.overrides)
-    off = config(cifar10_archive, case.method, (*case.overrides, f"perf.{case.switch}=false"))
+    on = config(cifar10_archive, case.method, case.on_overrides())
+    off = config(cifar10_archive, case.method, case.off_overrides())
     pair = measure_pair(on, off, tmp_path)
 
     difference = pair["max_abs_difference"]

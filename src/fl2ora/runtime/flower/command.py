@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 
 def add_flower_command(commands: Any) -> None:
@@ -50,12 +53,18 @@ def run_flower_command(args: argparse.Namespace, configure_logging: Callable[[bo
     """Run the ``flower`` subcommand; return the exit code (0 only when the run completed)."""
     from fl2ora.config import load_config
     from fl2ora.report import format_results_table
-    from fl2ora.rundir import SUMMARY_FILE
+    from fl2ora.rundir import SUMMARY_FILE, reject_output_file
     from fl2ora.runtime.flower.deploy import run_local_deployment
 
     config = load_config(args.config, args.overrides)
     output = Path(args.output) if args.output else Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    reject_output_file(output)
     configure_logging(args.quiet)
+    if config.perf.batched_clients > 1:
+        logger.warning(
+            "perf.batched_clients=%d has no effect under Flower: each SuperNode trains its own client. "
+            "It applies to `fl2ora run` only.", config.perf.batched_clients,
+        )
     echo = None if args.quiet else (lambda line: print(line, flush=True))
     try:
         outcome = run_local_deployment(
