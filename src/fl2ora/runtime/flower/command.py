@@ -49,16 +49,37 @@ def add_flower_command(commands: Any) -> None:
     flower.add_argument("--quiet", action="store_true", help="log warnings only on the console; no streamed run log")
 
 
+INSTALL_FLOWER_EXTRA = ".venv/bin/python -m pip install -e '.[flower]'"
+"""Command that installs the ``flower`` extra into the project's ``.venv``, as docs/flower.md documents."""
+
+
 def run_flower_command(args: argparse.Namespace, configure_logging: Callable[[bool], None]) -> int:
-    """Run the ``flower`` subcommand; return the exit code (0 only when the run completed)."""
+    """Run the ``flower`` subcommand; return the exit code (0 only when the run completed).
+
+    Returns 2 without a traceback when a module of the ``flower`` extra is missing.
+    """
     from fl2ora.config import load_config
     from fl2ora.report import format_results_table
-    from fl2ora.rundir import SUMMARY_FILE, reject_output_file
-    from fl2ora.runtime.flower.deploy import run_local_deployment
+    from fl2ora.rundir import SUMMARY_FILE, check_output_folder, reject_output_file
+
+    try:
+        from fl2ora.runtime.flower.deploy import run_local_deployment
+    except ModuleNotFoundError as error:
+        # A missing fl2ora module is a broken install or a bug, not a missing extra.
+        if error.name is None or error.name.split(".")[0] == "fl2ora":
+            raise
+        print(
+            f"fl2ora: error: fl2ora flower needs the module {error.name!r}, which is not installed. "
+            f"Install the flower extra: {INSTALL_FLOWER_EXTRA}",
+            file=sys.stderr,
+        )
+        return 2
 
     config = load_config(args.config, args.overrides)
     output = Path(args.output) if args.output else Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     reject_output_file(output)
+    # The ServerApp checks the folder again, but only after the whole federation has started.
+    check_output_folder(output, args.overwrite)
     configure_logging(args.quiet)
     if config.perf.batched_clients > 1:
         logger.warning(

@@ -42,6 +42,7 @@ import tomli_w
 import yaml
 
 from fl2ora.config import RunConfig, config_from_dict, config_to_dict
+from fl2ora.rundir import check_output_folder
 from fl2ora.runtime.flower.processes import ProcessTracker
 from fl2ora.runtime.flower.project import write_app_project
 from fl2ora.runtime.flower.server_app import FlowerRunSettings
@@ -417,13 +418,14 @@ def run_local_deployment(
         The outcome read from ``flwr ls``; check :attr:`RunOutcome.succeeded`.
 
     Raises:
-        FileExistsError: when ``output`` contains a run and ``overwrite`` is false, or
+        FileExistsError: when ``output`` contains a run and ``overwrite`` is false, when
+            ``output`` is a non-empty folder without fl2ora's run marker, or when
             ``folder`` contains files fl2ora did not make.
         FileNotFoundError: when the Flower executables are not installed.
     """
+    # Checked here because the ServerApp's own check runs only once the whole federation is up.
+    check_output_folder(Path(output), overwrite)
     output = Path(output).resolve()
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise FileExistsError(f"Output folder {str(output)!r} is not empty. Choose another --output, or pass --overwrite.")
     folder = Path(folder) if folder is not None else output.with_name(output.name + ".flower")
     config = resolve_paths(config)
     num_clients = config.partition.num_clients
