@@ -4,24 +4,31 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 
 import pytest
 import torch
 
 from fl2ora.cli import main as cli_main
+from fl2ora.errors import ConfigError
 from fl2ora.perf import measure
-from fl2ora.perf.options import add_bench_arguments
-from fl2ora.perf.report import evaluate_targets, format_report
+from fl2ora.perf.options import DEFAULT_BATCH, add_bench_arguments, check_bench_arguments
+from fl2ora.perf.report import evaluate_targets, format_report, machine_busy
 from fl2ora.perf.suite import (
     BATCHED_CLIENTS_CASE,
+    LOADER_IMAGES,
+    PROTOCOL_ROUND,
     SPEEDUP_CASES,
     DataSource,
+    generated_images_per_class,
     make_config,
+    measure_loader,
     measure_pair,
     split_round,
     write_generated_images,
 )
+from fl2ora.perf.suite import main as suite_main
 
 CPU = torch.device("cpu")
 BATCH, IN_FEATURES, OUT_FEATURES = 8, 16, 12
@@ -176,6 +183,51 @@ def test_targets_missed_name_cause(kwargs, missed, cause):
     assert cause in target["cause"]
 
 
+@pytest.mark.parametrize(
+    ("clients", "met"),
+    [(1, None), (20, None), (100, True)],
+)
+def test_scale_target_needs_100_clients(clients, met):
+    report = synthetic_report()
+    report["scale"]["clients"] = clients
+    target = evaluate_targets(report)[1]
+    assert target["met"] is met
+    if met is None:
+        assert target["cause"] == (f"not measured: the scale section ran with --scale-clients {clients}; "
+                                   "run it with --scale-clients 100")
+        assert f"{clients} clients" in target["figure"]
+
+
+def test_scale_target_small_round_not_missed():
+    # A share above 5% on 1 client says nothing about a 100-client round.
+    report = synthetic_report(other_share=0.3)
+    report["scale"]["clients"] = 1
+    target = evaluate_targets(report)[1]
+    assert target["met"] is None
+    assert "--scale-clients 100" in target["cause"]
+
+
+@pytest.mark.parametrize("model", ["tiny", "vit-b-32"])
+def test_coop_target_needs_protocol_model(model):
+    report = synthetic_report(coop_speedup=2.0)
+    report["speedups"]["cases"][0]["model"] = model
+    target = evaluate_targets(report)[2]
+    assert target["met"] is None
+    assert target["cause"] == (f"not measured: the protocol-shaped round ran on {model}; run it with "
+                               "--protocol-model vit-b-16")
+    assert target["figure"].startswith(f"2.0x on {model} (protocol-shaped round")
+
+
+def test_coop_target_ignores_small_round():
+    # A small-round case of the same switch is no stand-in for the protocol-shaped one.
+    report = synthetic_report()
+    report["speedups"]["cases"][0]["protocol"] = False
+    target = evaluate_targets(report)[2]
+    assert target["met"] is None
+    assert target["figure"] is None
+    assert target["cause"] == "not measured: this report has no protocol-shaped CoOp round"
+
+
 def test_targets_not_measured_without_sections():
     report = synthetic_report()
     for section in ("steps", "speedups", "scale"):
@@ -193,6 +245,29 @@ def test_report_renders_every_section(markdown):
                      "Targets:", "random weights."):
         assert fragment in text
     assert ("| target | figure | status | cause of a miss |" in text) is markdown
+
+
+@pytest.mark.parametrize(
+    ("load", "cpus", "busy"),
+    [(1.5, 2, True), (1.0, 2, False), (0.1, 2, False), (float("nan"), 2, False), (0.6, None, True)],
+)
+def test_machine_busy_above_half_the_cpus(load, cpus, busy):
+    assert machine_busy(load, cpus) is busy
+
+
+@pytest.mark.parametrize("markdown", [False, True])
+def test_report_header_names_busy_machine(markdown):
+    line = ("Measured beside other work: the load average at the start, 1.50, exceeded half of the 2 usable "
+            "CPUs, so the figures are lower and noisier than on an idle machine.")
+    report = synthetic_report()
+    report["targets"] = evaluate_targets(report)
+    assert line not in format_report(report, markdown=markdown)
+
+    report["load_average_at_start"] = 1.5
+    text = format_report(report, markdown=markdown)
+    assert line in text
+    # In the header: after the machine line, before the matmul reference.
+    assert text.index("Machine:") < text.index(line) < text.index("Matmul reference:")
 
 
 def test_report_batched_clients_line():
@@ -239,6 +314,36 @@ def parse(argv):
     return parser.parse_args(argv)
 
 
+def test_generated_images_cover_every_reader():
+    # The options of a run that once read 64 loader images from a folder of 50.
+    args = parse(["--models", "tiny", "--round-clients", "1", "--round-test-images", "1", "--scale-clients", "1",
+                  "--scale-sampled", "1", "--scale-train-images", "1", "--scale-test-images", "1"])
+    train, test = generated_images_per_class(args, dict(DEFAULT_BATCH))
+    # Training: the loader's 64 images beat 1 client x batch 32, the protocol's 30 and the scale's 1.
+    assert (train, test) == (math.ceil(LOADER_IMAGES / 10) + 1, math.ceil(PROTOCOL_ROUND["test_per_client"] / 10) + 1)
+    assert 10 * train >= LOADER_IMAGES
+    assert 10 * test >= PROTOCOL_ROUND["clients"] * PROTOCOL_ROUND["test_per_client"]
+
+
+def test_generated_images_default_and_steps_only():
+    # Defaults: the scale section's 100 clients x 10 training and x 2 test images are the most.
+    train, test = generated_images_per_class(parse([]), dict(DEFAULT_BATCH))
+    assert (train, test) == (100 * 10 // 10 + 1, 100 * 2 // 10 + 1)
+    # The steps section reads no images; real scale images need no generated ones.
+    assert generated_images_per_class(parse(["--sections", "steps"]), dict(DEFAULT_BATCH)) == (1, 1)
+    args = parse(["--sections", "scale", "--data", "cifar10.tar.gz"])
+    assert generated_images_per_class(args, dict(DEFAULT_BATCH)) == (1, 1)
+
+
+def test_loader_reads_at_most_available(tmp_path):
+    images = write_generated_images(tmp_path / "images", train_per_class=2, test_per_class=1)  # 20 training
+    everything = measure_loader(images, LOADER_IMAGES, 32)
+    assert everything["images"] == 20
+    assert everything["uncached_images_per_second"] > 0
+    assert everything["cached_images_per_second"] > 0
+    assert measure_loader(images, 5, 32)["images"] == 5
+
+
 def test_options_parse_batch_sizes():
     args = parse(["--batch-size", "vit-b-16=8,tiny=64", "--models", "tiny"])
     assert args.batch_size == {"vit-b-16": 8, "tiny": 64}
@@ -262,6 +367,40 @@ def test_options_parse_batch_sizes():
 def test_invalid_options_rejected(argv):
     with pytest.raises(SystemExit):
         parse(argv)
+
+
+def test_scale_sampled_above_clients_rejected():
+    message = ("--scale-sampled 10 is larger than --scale-clients 1: the scale round cannot sample more clients "
+               "than exist. Use --scale-sampled 1 or less, or raise --scale-clients.")
+    with pytest.raises(ConfigError) as error:
+        check_bench_arguments(parse(["--scale-clients", "1"]))
+    assert str(error.value) == message
+    check_bench_arguments(parse(["--scale-clients", "3", "--scale-sampled", "3"]))  # equal is fine
+
+
+def test_missing_data_rejected_only_with_scale(tmp_path):
+    missing = tmp_path / "cifar10.tar.gz"
+    with pytest.raises(ConfigError, match=f"--data {missing} does not exist"):
+        check_bench_arguments(parse(["--data", str(missing)]))
+    check_bench_arguments(parse(["--data", str(missing), "--sections", "steps"]))
+    missing.write_bytes(b"")
+    check_bench_arguments(parse(["--data", str(missing)]))
+
+
+def test_cross_option_error_before_any_work(tmp_path, capsys):
+    workdir = tmp_path / "work"
+    code = cli_main(["bench", "--scale-clients", "1", "--workdir", str(workdir)])
+    assert code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("fl2ora: error: --scale-sampled 10 is larger than --scale-clients 1")
+    assert "\n" not in error
+    assert "federated.fraction" not in error
+    assert not workdir.exists()  # rejected before the suite made its folder
+
+    with pytest.raises(SystemExit) as exit_info:
+        suite_main(["--scale-clients", "1", "--workdir", str(workdir)])
+    assert exit_info.value.code == 2
+    assert "--scale-sampled 10 is larger than --scale-clients 1" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -288,3 +427,23 @@ def test_short_suite_through_cli(tmp_path, capsys):
     assert len(report["targets"]) == 4
     assert "Targets:" in capsys.readouterr().out
     assert "| target |" in output_md.read_text()
+
+
+@pytest.mark.parametrize("method", ["fl2ora", "coop"])
+def test_eval_flops_leave_out_reused_text(method):
+    from fl2ora.methods.registry import build_classifier
+    from fl2ora.model.backbone import load_backbone
+    from fl2ora.perf.suite import CIFAR10_CLASSES, TEMPLATE, DataSource, make_config, measure_steps
+
+    batch = 4
+    result = measure_steps("tiny", method, batch, 1, 0, torch.device("cpu"), "fp32", 1e9)
+
+    config = make_config("tiny", method, DataSource("cifar10", "", False), torch.device("cpu"), "fp32", clients=1,
+                         train_per_client=1, test_per_client=1, rounds=1, batch_size=batch)
+    model = build_classifier(config, load_backbone(config.model), list(CIFAR10_CLASSES), TEMPLATE).eval()
+    images = torch.randn(batch, 3, 32, 32)
+    with torch.no_grad():
+        image_flops = measure.count_flops(lambda: model.encode_image(images))
+    logits_flops = 2 * batch * model.clip.config.projection_dim * 10  # image @ text.T over the 10 classes
+    # The timed evaluation steps reuse the class text features, so no text-encoder FLOPs are counted.
+    assert result["eval_flops_per_step"] == image_flops + logits_flops

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fl2ora.errors import ConfigError
+
 MODELS = ("tiny", "vit-b-32", "vit-b-16")
 METHODS = ("fl2ora", "coop", "kgcoop", "maple", "layernorm", "full")
 DEFAULT_BATCH = {"tiny": 32, "vit-b-32": 16, "vit-b-16": 4}
@@ -103,3 +105,25 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", type=Path, default=None,
                         help="folder for generated images and run directories (default: a temporary folder, "
                              "removed at the end)")
+
+
+def check_bench_arguments(args: argparse.Namespace) -> None:
+    """Reject combinations of options that no single option's type can catch.
+
+    Runs before any measurement, so a bad combination fails in a second instead of
+    after the sections that precede the one it breaks.
+
+    Raises:
+        ConfigError: with a one-line message naming the options and the fix.
+    """
+    if args.scale_sampled > args.scale_clients:
+        raise ConfigError(
+            f"--scale-sampled {args.scale_sampled} is larger than --scale-clients {args.scale_clients}: the "
+            f"scale round cannot sample more clients than exist. Use --scale-sampled {args.scale_clients} or "
+            f"less, or raise --scale-clients."
+        )
+    if args.data is not None and "scale" in args.sections and not args.data.exists():
+        raise ConfigError(
+            f"--data {args.data} does not exist. Give the path of a CIFAR-10 folder or .tar.gz, or drop --data "
+            "to use generated images."
+        )

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 
 from fl2ora.config import RunConfig, apply_overrides, config_from_dict
 from fl2ora.data.datasets import CIFAR10_CLASSES
+from fl2ora.errors import ConfigError
 from fl2ora.evaluation.calibration import METRIC_NAMES
 from fl2ora.experiment import build_experiment
 from fl2ora.federated.client import autocast_context
@@ -57,7 +58,8 @@ from fl2ora.methods.registry import build_classifier
 from fl2ora.model.backbone import RANDOM_INIT_WARNING, load_backbone
 from fl2ora.model.trainable import load_adapter
 from fl2ora.perf import measure
-from fl2ora.perf.options import DEFAULT_BATCH, add_bench_arguments
+from fl2ora.perf.options import DEFAULT_BATCH, add_bench_arguments, check_bench_arguments
+from fl2ora.perf.report import machine_busy
 from fl2ora.perf.speedups import configure_classifier
 from fl2ora.rundir import RunDirectory
 from fl2ora.runtime.simulation import run_simulation
@@ -167,6 +169,29 @@ def write_generated_images(root: Path, train_per_class: int, test_per_class: int
     return DataSource("image_folder", str(root), real=False)
 
 
+def generated_images_per_class(args: argparse.Namespace, batch: dict[str, int]) -> tuple[int, int]:
+    """Return the training and test images per class to generate for the sections in ``args``.
+
+    Covers every reader of the generated folder: the round and speed-up sections'
+    clients, the protocol-shaped round (:data:`PROTOCOL_ROUND`), the data-loading
+    measurement (:data:`LOADER_IMAGES`) and the scale section unless ``--data``
+    replaces its images. Each class gets one image more than an even share needs.
+    """
+    sections = set(args.sections)
+    train, test = [0], [0]
+    if sections & {"rounds", "speedups"}:
+        train.append(args.round_clients * max(batch.values()))
+        test.append(args.round_clients * args.round_test_images)
+    if "speedups" in sections:
+        train += [PROTOCOL_ROUND["clients"] * PROTOCOL_ROUND["train_per_client"], LOADER_IMAGES]
+        test.append(PROTOCOL_ROUND["clients"] * PROTOCOL_ROUND["test_per_client"])
+    if "scale" in sections and args.data is None:
+        train.append(args.scale_clients * args.scale_train_images)
+        test.append(args.scale_clients * args.scale_test_images)
+    classes = len(CIFAR10_CLASSES)
+    return math.ceil(max(train) / classes) + 1, math.ceil(max(test) / classes) + 1
+
+
 def make_config(
     model: str,
     method: str,
@@ -273,9 +298,11 @@ def measure_steps(
             logits = model(images)
         return torch.softmax(logits.float(), dim=-1).cpu()
 
-    # The counted passes also warm up: the first training step allocates the momentum
-    # buffers, and the first evaluation step caches the text features.
+    # The counted training step also warms up: it allocates the momentum buffers. The first
+    # evaluation step computes the class text features that later evaluation steps reuse, so
+    # the evaluation FLOPs are counted on the second, steady-state step.
     train_flops = measure.count_flops(train_step)
+    eval_step()
     eval_flops = measure.count_flops(eval_step)
 
     with measure.PeakMemory(device) as memory:
@@ -334,16 +361,18 @@ def batched_clients_bound(
 def measure_loader(images: DataSource, count: int, size: int) -> dict[str, Any]:
     """Measure data loading in images/s: the evaluation transform at ``size`` px, uncached and cached.
 
-    Reads the first ``count`` generated training images three times: without the
-    decoded-image cache, then with it while it fills, then from the filled cache.
+    Reads the first ``count`` generated training images, or all of them where the
+    folder has fewer, three times: without the decoded-image cache, then with it
+    while it fills, then from the filled cache. The result's ``images`` is the
+    number read.
     """
     from fl2ora.data import clip_transforms
     from fl2ora.data.datasets import load_image_folder
     from fl2ora.perf.images import CachedImageSamples, ImageMemoryBudget
 
-    samples = load_image_folder(images.root).train.subset(np.arange(count)).with_transform(
-        clip_transforms(size, train=False)
-    )
+    train = load_image_folder(images.root).train
+    count = min(count, len(train))
+    samples = train.subset(np.arange(count)).with_transform(clip_transforms(size, train=False))
     cached = CachedImageSamples(samples, ImageMemoryBudget(2**31))
 
     def read_all(dataset) -> float:
@@ -522,6 +551,10 @@ def run_suite(args: argparse.Namespace, command: str) -> dict[str, Any]:
         "warning": RANDOM_INIT_WARNING,
         "tolerance": TOLERANCE,
     }
+    load, cpus = report["load_average_at_start"], report["machine"]["usable_cpus"]
+    if machine_busy(load, cpus):
+        logger.warning("Load average %.2f on %d usable CPUs at the start: other processes compete for the cores, "
+                       "so the figures will be low and noisy.", load, cpus)
     matmul_before = measure.measure_matmul(sizes, device, dtype, args.matmul_seconds)
     peak = matmul_before["flops_per_second"]
 
@@ -531,10 +564,7 @@ def run_suite(args: argparse.Namespace, command: str) -> dict[str, Any]:
         workdir.mkdir(parents=True, exist_ok=True)
         # Generated images for the rounds: their speed does not depend on the pixels, and a
         # small folder loads in a fraction of the time of CIFAR-10's 60,000 images.
-        needed_train = max(args.round_clients * max(batch.values()), args.scale_clients * args.scale_train_images)
-        needed_test = max(args.round_clients, args.scale_clients) * max(args.round_test_images, args.scale_test_images)
-        images = write_generated_images(workdir / "images", math.ceil(needed_train / 10) + 1,
-                                        math.ceil(needed_test / 10) + 1)
+        images = write_generated_images(workdir / "images", *generated_images_per_class(args, batch))
         scale_data = DataSource("cifar10", str(args.data), real=True) if args.data is not None else images
         report["data"] = {"rounds": images.root, "scale": scale_data.root, "real_images_in_scale": scale_data.real}
 
@@ -708,8 +738,14 @@ def build_parser(prog: str = "fl2ora bench") -> argparse.ArgumentParser:
 
 
 def main_with_args(args: argparse.Namespace, command: str) -> int:
-    """Run the suite, print the report and write the requested files."""
+    """Check the options, run the suite, print the report and write the requested files.
+
+    Raises:
+        ConfigError: for a combination of options that cannot run, before any measurement.
+    """
     from fl2ora.perf.report import format_report
+
+    check_bench_arguments(args)
 
     if not any(logging.getLogger().handlers):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -740,5 +776,10 @@ def _jsonable(value: Any) -> Any:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``benchmarks/suite.py``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser("python benchmarks/suite.py").parse_args(argv)
+    parser = build_parser("python benchmarks/suite.py")
+    args = parser.parse_args(argv)
+    try:
+        check_bench_arguments(args)
+    except ConfigError as error:
+        parser.error(str(error))
     return main_with_args(args, " ".join(["python benchmarks/suite.py", *argv]))
