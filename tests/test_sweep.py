@@ -99,6 +99,159 @@ def test_read_run_rejects_unfinished(tmp_path):
         read_run(tmp_path)
 
 
+def fake_metrics(accuracy, ece):
+    return {"accuracy": accuracy, "ece": ece, "mce": 2 * ece, "ace": ece + 0.01}
+
+
+def test_comparison_counts_repeated_seed_once(tmp_path, caplog):
+    # Method a: seed 0 run twice with different results, seed 1 once, and an exact copy of seed 1.
+    # Method b: two distinct seeds.
+    values = {
+        "a0": ("a", 0, 0.4, 0.10),
+        "a0-again": ("a", 0, 0.6, 0.30),
+        "a1": ("a", 1, 0.9, 0.05),
+        "a1-copy": ("a", 1, 0.9, 0.05),
+        "b0": ("b", 0, 0.5, 0.20),
+        "b1": ("b", 1, 0.7, 0.10),
+    }
+    runs = []
+    for name, (method, seed, accuracy, ece) in values.items():
+        write_fake_run(tmp_path / name, {"method": method, "seed": seed, "name": "x"}, fake_metrics(accuracy, ece))
+        runs.append(read_run(tmp_path / name))
+
+    with caplog.at_level("WARNING", logger="fl2ora.compare"):
+        rows = write_comparison(runs, tmp_path / "out")
+
+    by_method = {row["label"]["method"]: row for row in rows}
+    a = by_method["a"]
+    seed_accuracy = [np.mean([0.4, 0.6]), 0.9]
+    seed_ece = [np.mean([0.10, 0.30]), 0.05]
+    assert a["seeds"] == [0, 1]
+    assert a["runs"] == 4
+    assert a["accuracy"] == pytest.approx(np.mean(seed_accuracy))
+    assert a["accuracy_std"] == pytest.approx(np.std(seed_accuracy))
+    assert a["ece"] == pytest.approx(np.mean(seed_ece))
+    assert a["ece_std"] == pytest.approx(np.std(seed_ece))
+    assert a["mce"] == pytest.approx(np.mean([2 * e for e in seed_ece]))
+    assert by_method["b"]["accuracy_std"] == pytest.approx(np.std([0.5, 0.7]))
+    assert by_method["b"]["repeated_seeds"] == []
+
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert len(warnings) == 2
+    assert str(tmp_path / "a0") in warnings[0]
+    assert str(tmp_path / "a0-again") in warnings[0]
+    assert "seed 0" in warnings[0]
+    assert "(method=a)" in warnings[0]
+    assert str(tmp_path / "a1-copy") in warnings[1]
+    assert "seed 1" in warnings[1]
+
+    markdown = (tmp_path / "out" / "comparison.md").read_text()
+    accuracy_cell = f"{100 * np.mean(seed_accuracy):.2f} ± {100 * np.std(seed_accuracy):.2f}"
+    assert f"| a | 2 | **{accuracy_cell}** |" in markdown
+    assert "| b | 2 |" in markdown
+    assert "Repeated seeds: runs of one configuration and seed were averaged into one value" in markdown
+    assert f"seed 0: {tmp_path / 'a0'}, {tmp_path / 'a0-again'}" in markdown
+    assert f"seed 1: {tmp_path / 'a1'}, {tmp_path / 'a1-copy'}" in markdown
+
+    with (tmp_path / "out" / "comparison.csv").open() as stream:
+        table = {row["method"]: row for row in csv.DictReader(stream)}
+    assert table["a"]["seeds"] == "2"
+    assert table["a"]["runs"] == "4"
+    assert float(table["a"]["accuracy"]) == pytest.approx(np.mean(seed_accuracy))
+    assert table["b"]["seeds"] == "2"
+
+
+def test_comparison_without_repeats_has_no_note(tmp_path, caplog):
+    runs = []
+    for seed, accuracy in [(0, 0.5), (1, 0.7)]:
+        write_fake_run(tmp_path / f"r{seed}", {"method": "a", "seed": seed, "name": "x"}, fake_metrics(accuracy, 0.1))
+        runs.append(read_run(tmp_path / f"r{seed}"))
+    with caplog.at_level("WARNING", logger="fl2ora.compare"):
+        rows = write_comparison(runs, tmp_path / "out")
+    assert rows[0]["seeds"] == [0, 1]
+    assert rows[0]["accuracy"] == pytest.approx(np.mean([0.5, 0.7]))
+    assert [r for r in caplog.records if r.levelname == "WARNING"] == []
+    assert "Repeated seeds" not in (tmp_path / "out" / "comparison.md").read_text()
+
+
+def two_fake_runs(root):
+    paths = []
+    for method, accuracy in [("a", 0.5), ("b", 0.7)]:
+        path = root / f"run-{method}"
+        write_fake_run(path, {"method": method, "seed": 0, "name": "x"}, fake_metrics(accuracy, 0.1))
+        paths.append(str(path))
+    return paths
+
+
+def test_compare_cli_default_output_is_new_folder(tmp_path, monkeypatch, capsys):
+    import re
+    import time
+
+    from fl2ora.cli import main
+
+    runs = two_fake_runs(tmp_path / "in")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    real_strftime = time.strftime
+
+    def fixed_strftime(pattern, *args):
+        return "20250102-030405" if pattern == "%Y%m%d-%H%M%S" else real_strftime(pattern, *args)
+
+    monkeypatch.setattr(time, "strftime", fixed_strftime)
+
+    assert main(["compare", *runs]) == 0
+    first = work / "runs" / "comparison-20250102-030405"
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        f"Comparison folder: {first.relative_to(work)} (comparison.md, comparison.csv, ece_vs_accuracy.png)"
+    )
+    for name in ("comparison.md", "comparison.csv", "ece_vs_accuracy.png"):
+        assert (first / name).is_file(), name
+        assert not (work / name).exists(), name
+    (first / "comparison.md").write_text("earlier comparison\n")
+
+    # A second comparison in the same second gets its own folder and keeps the first one.
+    assert main(["compare", runs[0]]) == 0
+    second = work / "runs" / "comparison-20250102-030405-2"
+    assert f"Comparison folder: {second.relative_to(work)} " in capsys.readouterr().out
+    assert (second / "comparison.md").is_file()
+    assert (first / "comparison.md").read_text() == "earlier comparison\n"
+
+    monkeypatch.setattr(time, "strftime", real_strftime)
+    assert main(["compare", runs[0]]) == 0
+    folders = sorted(path.name for path in (work / "runs").iterdir())
+    assert len(folders) == 3
+    assert any(re.fullmatch(r"comparison-\d{8}-\d{6}", name) for name in folders if name not in {first.name, second.name})
+
+
+def test_compare_cli_explicit_output(tmp_path, monkeypatch, capsys):
+    from fl2ora.cli import main
+
+    runs = two_fake_runs(tmp_path / "in")
+    monkeypatch.chdir(tmp_path)
+    output = tmp_path / "chosen"
+    assert main(["compare", *runs, "--output", str(output)]) == 0
+    out = capsys.readouterr().out
+    assert "| a | 1 | 50.00 ± 0.00 |" in out
+    assert out.strip().splitlines()[-1].startswith(f"Comparison folder: {output} ")
+    assert (output / "comparison.csv").is_file()
+    assert not (tmp_path / "runs").exists()
+
+
+def test_compare_cli_unfinished_run_writes_nothing(tmp_path, monkeypatch, capsys):
+    from fl2ora.cli import main
+
+    runs = two_fake_runs(tmp_path / "in")
+    unfinished = tmp_path / "in" / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "config.yaml").write_text("name: x\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["compare", *runs, str(unfinished)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == f"fl2ora: error: {unfinished} is not a finished fl2ora run: summary.json is missing."
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.slow
 def test_full_grid_sweep_on_real_cifar10(cifar10_archive, tmp_path):
     base = config_to_dict(

@@ -88,7 +88,11 @@ def _build_parser() -> argparse.ArgumentParser:
 
     compare = commands.add_parser("compare", help="compare finished run directories in one table and plot")
     compare.add_argument("runs", nargs="+", help="run directories")
-    compare.add_argument("--output", default=".", help="folder for comparison.md, comparison.csv, ece_vs_accuracy.png")
+    compare.add_argument(
+        "--output",
+        help="folder for comparison.md, comparison.csv and ece_vs_accuracy.png "
+        "(default: a new folder runs/comparison-<YYYYmmdd-HHMMSS>)",
+    )
 
     bench = commands.add_parser(
         "bench", help="benchmark throughput, round time, memory and each speed-up on and off (random weights)"
@@ -289,12 +293,25 @@ def _command_reproduce(args: argparse.Namespace) -> int:
 def _command_compare(args: argparse.Namespace) -> int:
     from fl2ora.compare import read_run, write_comparison
 
-    output = Path(args.output)
+    output = Path(args.output) if args.output else _new_comparison_folder()
     reject_output_file(output)
+    _configure_logging(quiet=True)  # shows the warning about runs that repeat a seed
     records = [read_run(path) for path in args.runs]
     write_comparison(records, output)
     print((output / "comparison.md").read_text())
+    print(f"Comparison folder: {output} (comparison.md, comparison.csv, ece_vs_accuracy.png)")
     return 0
+
+
+def _new_comparison_folder() -> Path:
+    """Return ``runs/comparison-<YYYYmmdd-HHMMSS>``, with a ``-2``, ``-3``, ... suffix while that path exists."""
+    stamped = Path("runs") / f"comparison-{time.strftime('%Y%m%d-%H%M%S')}"
+    output = stamped
+    suffix = 1
+    while output.exists():
+        suffix += 1
+        output = stamped.with_name(f"{stamped.name}-{suffix}")
+    return output
 
 
 def _command_bench(args: argparse.Namespace, argv: list[str]) -> int:

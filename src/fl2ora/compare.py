@@ -1,8 +1,10 @@
 """Comparison tables and plots across run directories.
 
 Runs whose resolved configurations differ only in ``seed`` form one row; each
-metric is reported as mean ± standard deviation over those seeds, with the best
-value of each column marked.
+metric is reported as mean ± standard deviation over the distinct seeds, with the
+best value of each column marked. Several runs of one seed (a copy, or the same
+configuration run twice) are averaged into one value for that seed first, so each
+seed counts once.
 """
 
 from __future__ import annotations
@@ -86,14 +88,18 @@ def _format_value(value: Any) -> str:
 def comparison_rows(records: Sequence[RunRecord], keys: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Group runs that differ only in seed and compute mean and standard deviation per metric.
 
+    Runs of one group that share a seed are averaged into one value for that seed
+    before the statistics over seeds, and a warning names them.
+
     Args:
         records: finished runs.
         keys: configuration keys that label a row; by default every key that differs
             between the runs, except ``seed`` and ``name``.
 
     Returns:
-        One dict per group: ``{"label": {key: value}, "runs": n, "seeds": [...],
-        "<metric>": mean, "<metric>_std": std}``, std over seeds with ddof 0.
+        One dict per group: ``{"label": {key: value}, "runs": n, "seeds": [distinct seeds],
+        "repeated_seeds": [(seed, [run paths]), ...], "<metric>": mean, "<metric>_std": std}``,
+        mean and std over the distinct seeds, std with ddof 0.
     """
     keys = list(keys) if keys is not None else _label_keys(records)
     groups: dict[str, list[RunRecord]] = {}
@@ -102,18 +108,42 @@ def comparison_rows(records: Sequence[RunRecord], keys: Sequence[str] | None = N
         groups.setdefault(label, []).append(record)
     rows = []
     for label, members in groups.items():
+        by_seed = _group_by_seed(members)
+        repeated = [
+            (runs[0].config.get("seed"), [str(run.path) for run in runs]) for runs in by_seed.values() if len(runs) > 1
+        ]
+        settings = ", ".join(f"{key}={_format_value(value)}" for key, value in json.loads(label).items())
+        for seed, paths in repeated:
+            logger.warning(
+                "Runs %s have the same configuration%s and seed %s, so their metrics are averaged into one value "
+                "that counts once in the mean and std over seeds.",
+                ", ".join(paths),
+                f" ({settings})" if settings else "",
+                seed,
+            )
         row: dict[str, Any] = {
             "label": json.loads(label),
             "runs": len(members),
-            "seeds": [m.config.get("seed") for m in members],
+            "seeds": [runs[0].config.get("seed") for runs in by_seed.values()],
+            "repeated_seeds": repeated,
             "random_init": any(m.random_init for m in members),
         }
         for metric, _, _ in TABLE_METRICS:
-            values = np.array([m.metrics[metric] for m in members], dtype=np.float64)
-            row[metric] = float(values.mean())
-            row[f"{metric}_std"] = float(values.std())
+            per_seed = np.array(
+                [np.mean([run.metrics[metric] for run in runs]) for runs in by_seed.values()], dtype=np.float64
+            )
+            row[metric] = float(per_seed.mean())
+            row[f"{metric}_std"] = float(per_seed.std())
         rows.append(row)
     return rows
+
+
+def _group_by_seed(members: Sequence[RunRecord]) -> dict[str, list[RunRecord]]:
+    """Group runs by seed in first-seen order, keyed by the seed's JSON so that ``1`` and ``true`` stay apart."""
+    by_seed: dict[str, list[RunRecord]] = {}
+    for member in members:
+        by_seed.setdefault(json.dumps(member.config.get("seed")), []).append(member)
+    return by_seed
 
 
 def _best(rows: Sequence[dict[str, Any]], metric: str, direction: str) -> float:
@@ -147,7 +177,7 @@ def write_comparison(records: Sequence[RunRecord], output: str | Path, keys: Seq
     header = [*keys, "seeds", *[title for _, title, _ in TABLE_METRICS]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        cells = [_format_value(row["label"].get(key)) for key in keys] + [str(row["runs"])]
+        cells = [_format_value(row["label"].get(key)) for key in keys] + [str(len(row["seeds"]))]
         for metric, _, _ in TABLE_METRICS:
             cell = f"{100 * row[metric]:.2f} ± {100 * row[metric + '_std']:.2f}"
             cells.append(f"**{cell}**" if row[metric] == best[metric] else cell)
@@ -157,6 +187,13 @@ def write_comparison(records: Sequence[RunRecord], output: str | Path, keys: Seq
         "Final-round metrics averaged over clients (unweighted), in percent: mean ± std over seeds. "
         "Bold: best per column (highest accuracy, lowest calibration error).",
     ]
+    repeated = [(seed, paths) for row in rows for seed, paths in row["repeated_seeds"]]
+    if repeated:
+        listing = "; ".join(f"seed {seed}: {', '.join(paths)}" for seed, paths in repeated)
+        notes.append(
+            "Repeated seeds: runs of one configuration and seed were averaged into one value for that seed, "
+            f"so each seed counts once in the seeds column and in mean ± std ({listing})."
+        )
     if any(row["random_init"] for row in rows):
         notes.append(
             "WARNING: runs with a random-initialised backbone are included: their numbers are a pipeline check, "
@@ -167,9 +204,9 @@ def write_comparison(records: Sequence[RunRecord], output: str | Path, keys: Seq
     with (output / "comparison.csv").open("w", newline="") as stream:
         writer = csv.writer(stream)
         metric_columns = [c for metric, _, _ in TABLE_METRICS for c in (metric, f"{metric}_std", f"best_{metric}")]
-        writer.writerow([*keys, "seeds", *metric_columns, "random_init"])
+        writer.writerow([*keys, "seeds", "runs", *metric_columns, "random_init"])
         for row in rows:
-            values = [_format_value(row["label"].get(key)) for key in keys] + [row["runs"]]
+            values = [_format_value(row["label"].get(key)) for key in keys] + [len(row["seeds"]), row["runs"]]
             for metric, _, _ in TABLE_METRICS:
                 values += [row[metric], row[f"{metric}_std"], int(row[metric] == best[metric])]
             writer.writerow([*values, int(row["random_init"])])
