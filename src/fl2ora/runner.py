@@ -113,7 +113,6 @@ def resume_experiment(
             run_dir.write_config(config_to_dict(config))
             run_dir.write_partition(experiment.class_counts)
             return run_simulation(experiment, run_dir, interrupt=interrupt)
-        logger.info("Resuming %s after round %d", run_dir.path, checkpoint.round)
         check_resumable(experiment, checkpoint)
         run_dir.write_config(config_to_dict(config))
         return run_simulation(experiment, run_dir, resume=checkpoint, interrupt=interrupt)
