@@ -55,6 +55,24 @@ def _differing_keys(saved: dict[str, Any], current: dict[str, Any]) -> list[str]
     return sorted(k for k in set(saved_flat) | set(current_flat) if saved_flat.get(k) != current_flat.get(k))
 
 
+def _check_allowed_keys(allowed: list[str], resolved: dict[str, Any]) -> None:
+    """Reject an ``--allow-change`` key that names no configuration key, so a typo is not ignored."""
+    import difflib
+
+    from fl2ora.compare import flatten
+    from fl2ora.config import ConfigError
+
+    keys = sorted(flatten(resolved))
+    for key in allowed:
+        if key not in keys:
+            close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"--allow-change names {key!r}, which is not a configuration key.{hint} "
+                "Give the dotted key as in --set, e.g. federated.rounds."
+            )
+
+
 def resume_experiment(
     output: str | Path,
     overrides: list[str] | None = None,
@@ -86,6 +104,7 @@ def resume_experiment(
     config = config_from_dict(apply_overrides(saved, overrides or []))
     # Compare resolved configurations, so keys added by a newer fl2ora take their defaults.
     saved_resolved = config_to_dict(config_from_dict(saved))
+    _check_allowed_keys(allow_changes or [], saved_resolved)
     changed = [
         key for key in _differing_keys(saved_resolved, config_to_dict(config)) if key not in (allow_changes or [])
     ]

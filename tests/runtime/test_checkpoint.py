@@ -203,6 +203,8 @@ def test_resume_rejects_changed_config_and_mismatched_tensors(stopped_run, tmp_p
         resume_experiment(run, ["lora.rank=4", "train.lr=0.1"])
     with pytest.raises(CheckpointError, match=r"shape mismatches: \[.*checkpoint \(2, 64\), model \(4, 64\)"):
         resume_experiment(run, ["lora.rank=4"], allow_changes=["lora.rank"])
+    with pytest.raises(ConfigError, match=r"--allow-change names 'lora.rnak', .* Did you mean 'lora.rank'\?"):
+        resume_experiment(run, ["lora.rank=4"], allow_changes=["lora.rnak"])
     assert load_checkpoint(run).round == 1
     assert (run / "config.yaml").read_text() == saved_config
 
