@@ -231,6 +231,10 @@ INVALID_OVERRIDES = [
     (["lora.rank"], r"Override 'lora\.rank' must have the form section\.key=value"),
     (["=4"], r"Override '=4' must have the form section\.key=value"),
     ([" =4"], r"must have the form section\.key=value"),
+    (["lora.rank=["], r"Override 'lora\.rank=\[': the value is not valid YAML \(.*\)\. Quote it"),
+    (["name=../../x"], r"name must be a plain run name without path separators, got '\.\./\.\./x'"),
+    (["name=.."], r"name must be a plain run name"),
+    (["name=a\\b"], r"name must be a plain run name"),
 ]
 
 

@@ -33,6 +33,8 @@ def test_parse_grid_reads_yaml_values():
         (["seed=0,1,00"], "Grid key 'seed' lists the value 0 more than once"),  # 00 is YAML for 0
         (["lora.layers=[0,1],all,[0, 1]"], r"Grid key 'lora.layers' lists the value \[0, 1\] more than once"),
         (["method=coop", "loss.name=dca,mdca,dca"], "Grid key 'loss.name' lists the value 'dca' more than once"),
+        (["seed=,,"], r"Grid item 'seed=,,' lists no value\. Give at least one, e\.g\. seed=0,1\."),
+        (["lora.rank=[1"], r"Grid item 'lora.rank=\[1': a value is not valid YAML \(.*\)\. Close its brackets"),
     ],
 )
 def test_parse_grid_invalid(items, match):

@@ -433,6 +433,11 @@ class RunConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.seed < 2**32:
             raise ConfigError(f"seed must be in [0, 2**32), got {self.seed!r}.")
+        if not self.name.strip() or any(mark in self.name for mark in ("/", "\\")) or self.name in (".", ".."):
+            raise ConfigError(
+                f"name must be a plain run name without path separators, got {self.name!r}: it names the "
+                "default folder under runs/. Choose the folder with --output instead."
+            )
 
 
 def _type_name(annotation: Any) -> str:
@@ -524,7 +529,7 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
     """Apply ``section.key=value`` overrides, each value parsed as YAML.
 
     Raises:
-        ConfigError: when an override has no ``=`` or an empty key.
+        ConfigError: when an override has no ``=``, an empty key or a value that is not YAML.
     """
     result = dict(values)
     for override in overrides:
@@ -538,7 +543,14 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
             child = dict(child) if isinstance(child, dict) else {}
             node[part] = child
             node = child
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as error:
+            reason = str(error).splitlines()[0]
+            raise ConfigError(
+                f"Override {override!r}: the value is not valid YAML ({reason}). Quote it, e.g. "
+                f"{key.strip()}='\"text\"', or fix the brackets."
+            ) from None
     return result
 
 

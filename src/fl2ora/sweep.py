@@ -52,7 +52,15 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
             raise ConfigError(f"Grid key {key!r} is given twice; list all its values in one item.")
         # Split on commas that are not inside brackets.
         values = [part for part in re.split(r",(?![^\[]*\])", raw) if part.strip()]
-        grid[key] = [yaml.safe_load(value) for value in values]
+        if not values:
+            raise ConfigError(f"Grid item {item!r} lists no value. Give at least one, e.g. {key}=0,1.")
+        try:
+            grid[key] = [yaml.safe_load(value) for value in values]
+        except yaml.YAMLError as error:
+            reason = str(error).splitlines()[0]
+            raise ConfigError(
+                f"Grid item {item!r}: a value is not valid YAML ({reason}). Close its brackets, or quote it."
+            ) from None
         _check_distinct_values(key, grid[key])
     return grid
 
