@@ -55,6 +55,7 @@ from fl2ora.perf.measure import (  # noqa: E402
     measure_matmul_detailed,
     synchronize,
 )
+from fl2ora.perf.options import non_negative_int, positive_int  # noqa: E402
 from fl2ora.perf.report import render_table  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -591,33 +592,19 @@ def format_report(report: dict[str, Any], results: Sequence[ModelResult], markdo
     return "\n".join(lines) + "\n"
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=sorted(ARCHITECTURES),
                         help="architectures to measure, random-initialised (default: %(default)s)")
-    parser.add_argument("--steps", type=_positive_int, default=3,
+    parser.add_argument("--steps", type=positive_int, default=3,
                         help="timed training steps, and as many timed evaluation steps, per model (default: 3)")
-    parser.add_argument("--warmup", type=_non_negative_int, default=1, help="untimed steps before timing (default: 1)")
-    parser.add_argument("--batch-size", type=_positive_int, default=32, help="images per step (default: 32)")
-    parser.add_argument("--threads", type=_positive_int, default=None,
+    parser.add_argument("--warmup", type=non_negative_int, default=1, help="untimed steps before timing (default: 1)")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="images per step (default: 32)")
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch intra-op threads (default: torch's choice, usually the usable cores)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="cpu: fp32 throughout; cuda: bf16 matmul reference and bf16 autocast (default: cpu)")
-    parser.add_argument("--matmul-sizes", nargs="+", type=_positive_int, default=None,
+    parser.add_argument("--matmul-sizes", nargs="+", type=positive_int, default=None,
                         help=f"square matrix sizes for the reference (default: {CPU_MATMUL_SIZES} on the CPU, "
                              f"{CUDA_MATMUL_SIZES} on CUDA)")
     parser.add_argument("--matmul-seconds", type=float, default=1.0,

@@ -1,5 +1,8 @@
 """Shared test settings: no hub access, tiny models, the shared data archives."""
 
+import copy
+import dataclasses
+import functools
 import os
 from pathlib import Path
 
@@ -47,3 +50,20 @@ def tiny_image_folder(tmp_path_factory) -> Path:
     """Three classes, 24 training and 12 test images each, 32 x 32 PNG."""
     root = tmp_path_factory.mktemp("tiny_folder")
     return write_image_folder(root, {"airplane": (24, 12), "cat": (24, 12), "dog": (24, 12)})
+
+
+@functools.cache
+def _pristine_tiny_backbone():
+    from fl2ora.config import ModelConfig
+    from fl2ora.model.backbone import load_backbone
+
+    return load_backbone(ModelConfig(name="tiny", random_init=True))
+
+
+def fresh_tiny_backbone():
+    """Return a copy of one random-initialised tiny backbone (methods change the backbone they get).
+
+    The tokenizer is shared between copies.
+    """
+    backbone = _pristine_tiny_backbone()
+    return dataclasses.replace(backbone, model=copy.deepcopy(backbone.model))

@@ -2,44 +2,31 @@
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import functools
 
 import numpy as np
 import pytest
 import torch
 
-from fl2ora.config import ModelConfig, TrainConfig, config_from_dict
+from fl2ora.config import TrainConfig, config_from_dict
 from fl2ora.data import clip_transforms
 from fl2ora.data.datasets import ImageSamples
 from fl2ora.evaluation.evaluate import predict_probabilities
 from fl2ora.federated.client import client_update
 from fl2ora.methods.registry import build_classifier
-from fl2ora.model.backbone import Backbone, load_backbone
 from fl2ora.model.trainable import trainable_state_dict
 from fl2ora.perf.features import ImageFeatureCache, image_features_frozen
+from conftest import fresh_tiny_backbone
 
 CLASSNAMES = ["airplane", "cat", "dog"]
 TEMPLATE = "a photo of a {}."
 CPU = torch.device("cpu")
 
 
-@functools.cache
-def pristine_backbone() -> Backbone:
-    return load_backbone(ModelConfig(name="tiny", random_init=True))
-
-
-def fresh_backbone() -> Backbone:
-    """Return a copy of one tiny backbone (methods change the backbone they get); the tokenizer is shared."""
-    backbone = pristine_backbone()
-    return dataclasses.replace(backbone, model=copy.deepcopy(backbone.model))
-
-
 def build_model(method: str, **sections):
     values = {"method": method, "model": {"name": "tiny", "random_init": True}, "maple": {"depth": 2}, **sections}
     config = config_from_dict(values)
-    backbone = fresh_backbone()
+    backbone = fresh_tiny_backbone()
     return build_classifier(config, backbone, CLASSNAMES, TEMPLATE)
 
 

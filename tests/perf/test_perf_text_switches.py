@@ -5,40 +5,26 @@ Also the full-context LoRA dropout that keeps trimmed training on the untrimmed 
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-import functools
 from unittest import mock
 
 import pytest
 import torch
 
-from fl2ora.config import ConfigError, ModelConfig, PerfConfig, config_from_dict
+from fl2ora.config import ConfigError, PerfConfig, config_from_dict
 from fl2ora.methods.registry import build_classifier
-from fl2ora.model.backbone import Backbone, load_backbone
 from fl2ora.model.trainable import load_trainable_state_dict, trainable_state_dict
 from fl2ora.model.zero_shot import text_dropout_active
 from fl2ora.perf.context_dropout import ContextDropout, use_context_dropout
 from fl2ora.perf.speedups import configure_classifier
+from conftest import fresh_tiny_backbone
 
 CLASSNAMES = ["airplane", "sea_turtle", "dog"]
 TEMPLATE = "a photo of a {}."
 
 
-@functools.cache
-def pristine_backbone() -> Backbone:
-    return load_backbone(ModelConfig(name="tiny", random_init=True))
-
-
-def fresh_backbone() -> Backbone:
-    """Return a copy of one tiny backbone (methods change the backbone they get); the tokenizer is shared."""
-    backbone = pristine_backbone()
-    return dataclasses.replace(backbone, model=copy.deepcopy(backbone.model))
-
-
 def build_model(method: str, **sections):
     values = {"method": method, "model": {"name": "tiny", "random_init": True}, "maple": {"depth": 3}, **sections}
-    return build_classifier(config_from_dict(values), fresh_backbone(), CLASSNAMES, TEMPLATE)
+    return build_classifier(config_from_dict(values), fresh_tiny_backbone(), CLASSNAMES, TEMPLATE)
 
 
 def text_features(model, trim: bool) -> torch.Tensor:

@@ -17,14 +17,16 @@ DEFAULT_BATCH = {"tiny": 32, "vit-b-32": 16, "vit-b-16": 4}
 that the default CPU run stays short."""
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """Parse an argparse value that must be an integer >= 1."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
 
 
-def _non_negative_int(text: str) -> int:
+def non_negative_int(text: str) -> int:
+    """Parse an argparse value that must be an integer >= 0."""
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
@@ -44,7 +46,7 @@ def _batch_sizes(text: str) -> dict[str, int]:
         name, sep, value = item.partition("=")
         if not sep or name not in MODELS:
             raise argparse.ArgumentTypeError(f"expected MODEL=N[,MODEL=N] with MODEL in {list(MODELS)}, got {item!r}")
-        sizes[name] = _positive_int(value)
+        sizes[name] = positive_int(value)
     return sizes
 
 
@@ -61,18 +63,18 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=_batch_sizes, default={}, metavar="MODEL=N[,MODEL=N]",
                         help="training images per step by model, e.g. vit-b-16=8,tiny=64 "
                              f"(default: {','.join(f'{k}={v}' for k, v in DEFAULT_BATCH.items())})")
-    parser.add_argument("--steps", type=_positive_int, default=2,
+    parser.add_argument("--steps", type=positive_int, default=2,
                         help="timed training steps, and as many evaluation batches, per model and method (default: 2)")
-    parser.add_argument("--warmup", type=_non_negative_int, default=0,
+    parser.add_argument("--warmup", type=non_negative_int, default=0,
                         help="untimed steps before timing, after the FLOP-counting step that already warms up "
                              "(default: 0)")
-    parser.add_argument("--rounds", type=_positive_int, default=2,
+    parser.add_argument("--rounds", type=positive_int, default=2,
                         help="rounds of each round measurement; the last is the steady state with warm caches "
                              "(default: 2)")
-    parser.add_argument("--round-clients", type=_positive_int, default=2,
+    parser.add_argument("--round-clients", type=positive_int, default=2,
                         help="clients trained in every round of the round and speed-up sections, one step each "
                              "over a training batch of images (default: 2)")
-    parser.add_argument("--round-test-images", type=_positive_int, default=4,
+    parser.add_argument("--round-test-images", type=positive_int, default=4,
                         help="test images per client in the round and speed-up sections (default: 4)")
     parser.add_argument("--speedup-model", choices=MODELS, default="vit-b-32",
                         help="architecture of the speed-up on/off section (default: vit-b-32)")
@@ -82,13 +84,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scale-model", choices=MODELS, default="vit-b-32",
                         help="architecture of the 100-client section; its LoRA state, and so its aggregation "
                              "and checkpoint work, equals ViT-B/16's (default: vit-b-32)")
-    parser.add_argument("--scale-clients", type=_positive_int, default=100,
+    parser.add_argument("--scale-clients", type=positive_int, default=100,
                         help="clients of the scale section (default: 100, the study's CIFAR protocol)")
-    parser.add_argument("--scale-sampled", type=_positive_int, default=10,
+    parser.add_argument("--scale-sampled", type=positive_int, default=10,
                         help="clients trained in the scale section's round (default: 10, i.e. 10%%)")
-    parser.add_argument("--scale-train-images", type=_positive_int, default=10,
+    parser.add_argument("--scale-train-images", type=positive_int, default=10,
                         help="training images per sampled client in the scale round (default: 10)")
-    parser.add_argument("--scale-test-images", type=_positive_int, default=2,
+    parser.add_argument("--scale-test-images", type=positive_int, default=2,
                         help="test images per client in the scale round (default: 2)")
     parser.add_argument("--data", type=Path, default=None,
                         help="CIFAR-10 folder or .tar.gz for the scale section, which then holds the whole "
@@ -98,7 +100,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sections to run (default: all)")
     parser.add_argument("--matmul-seconds", type=_positive_float, default=1.0,
                         help="seconds of products per matrix size of the matmul reference (default: 1.0)")
-    parser.add_argument("--threads", type=_positive_int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch intra-op threads (default: torch's choice, usually the usable cores)")
     parser.add_argument("--json", type=Path, default=None, help="write every figure to this JSON file")
     parser.add_argument("--markdown", type=Path, default=None, help="write the report to this Markdown file")
