@@ -126,9 +126,10 @@ class DataConfig:
     num_workers: int = 0
     """DataLoader worker processes."""
     bad_images: Literal["error", "skip"] = "error"
-    """What to do with image files that cannot be decoded, including images larger than
-    Pillow's ``PIL.Image.MAX_IMAGE_PIXELS`` (checked before the first round, every split
-    at once): stop with an error naming them, or leave them out and log their count."""
+    """Handling of image files that cannot be decoded, including images larger than
+    Pillow's ``PIL.Image.MAX_IMAGE_PIXELS``. Every split is checked at once before the
+    first round: ``error`` stops with an error naming them, ``skip`` leaves them out
+    and logs their count."""
 
     def __post_init__(self) -> None:
         for key in ("max_train_per_class", "max_test_per_class"):
@@ -357,7 +358,7 @@ class PerfConfig:
     instead of the whole 77-token context. The causal mask already hides the cut
     positions from the pooled token, so features change by float rounding only. LoRA
     dropout on the text encoder then draws its masks for the whole context, which on
-    the CPU gives the same masks as without the cut; on CUDA, training with LoRA
+    the CPU gives the same masks as without the cut. On CUDA, training with LoRA
     dropout keeps the whole context."""
     image_feature_cache: bool = True
     """Compute each image's features once and reuse them in later rounds while no

@@ -45,8 +45,8 @@ class RandomStream:
 
     def __init__(self, seed: int, device: torch.device) -> None:
         self.device = device
-        # NOTE: the CUDA branch (and batched training under bf16 autocast) has not run on a GPU yet;
-        # only the CPU path is tested against sequential training.
+        # NOTE: the CUDA branch, and batched training under bf16 autocast, have not run on a GPU.
+        # Only the CPU path is tested against sequential training.
         cuda = device.type == "cuda"
         with torch.random.fork_rng(devices=[device] if cuda else []):
             torch.manual_seed(seed)
